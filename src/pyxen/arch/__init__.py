@@ -1,0 +1,1 @@
+"""Architecture-specific guest construction (boot protocols, CPUID, firmware tables)."""

@@ -1,0 +1,204 @@
+"""Build a running PVH domain from a :class:`DomainConfig` (Firecracker's ``builder.rs`` role).
+
+Steps, in order: pick the engine; create guest memory (RAM, ACPI area, Xen special pages); load
+the kernel at its physical addresses; lay out modules, start_info and ACPI tables; create the
+Xen state (shared_info, event channels, grant table, params, store/console ports); create
+vCPUs with per-vCPU CPUID; anchor the clock; wire port I/O (debug port 0xE9, ACPI sleep/reset);
+leave vCPU 0 at the PVH entry. The result is paused until :meth:`Vmm.start`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pyxen.arch.x86 import acpi, layout
+from pyxen.arch.x86.cpu import pvh_entry_state
+from pyxen.arch.x86.cpuid import HYPERCALL_PAGE_MSR, build_cpuid
+from pyxen.arch.x86.kernel import load_pvh_kernel
+from pyxen.arch.x86.pvh import build_start_info_blob
+from pyxen.backends.console import ConsoleBackend
+from pyxen.core.clock import DomainClock
+from pyxen.core.domain import Domain, RunState, Vcpu
+from pyxen.core.memory import GuestMemory
+from pyxen.engine.base import Engine
+from pyxen.errors import ConfigError, EngineUnavailable, KernelImageError
+from pyxen.xen.abi import xen as X
+from pyxen.xen.domain import XEN_VERSION, ConsoleSink, XenDomain
+
+log = logging.getLogger("pyxen.vmm")
+
+MiB = 1 << 20
+
+
+@dataclass
+class DomainConfig:
+    """What a domain is made of. Units: memory in MiB."""
+
+    kernel: str
+    name: str = "domU"
+    memory: int = 32
+    vcpus: int = 1
+    cmdline: str = ""
+    modules: list[tuple[str, str]] = field(default_factory=list)   # (path, cmdline)
+    accel: str = "auto"
+    domid: int = 1
+
+
+def select_engine(accel: str) -> Engine:
+    """The engine for ``accel`` (``kvm``, ``tcg`` or ``auto``)."""
+    if accel in ("kvm", "auto"):
+        from pyxen.engine.kvm import KvmEngine
+        try:
+            return KvmEngine()
+        except EngineUnavailable:
+            if accel == "kvm":
+                raise
+    raise EngineUnavailable(f"accel={accel}: no usable engine on this host "
+                            "(the software engine is not available yet)")
+
+
+class Vmm:
+    """One built domain: the core :class:`Domain`, its Xen state and its console backend."""
+
+    def __init__(self, domain: Domain, xen: XenDomain, console: ConsoleBackend,
+                 build_ms: float) -> None:
+        self.domain = domain
+        self.xen = xen
+        self.console = console
+        self.build_ms = build_ms
+
+    def start(self) -> None:
+        self.domain.unpause()
+        self.domain.vcpus[0].start()
+
+    def wait(self, timeout: float | None = None) -> RunState | None:
+        return self.domain.wait_for_shutdown(timeout)
+
+    def destroy(self) -> None:
+        self.domain.destroy()
+        self.xen.close()
+        self.domain.vm.close()
+        self.domain.memory.close()
+
+
+def _align(x: int, a: int = 4096) -> int:
+    return (x + a - 1) & ~(a - 1)
+
+
+def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None) -> Vmm:
+    """Build the domain described by ``cfg`` (paused). Raises ConfigError/KernelImageError."""
+    t0 = time.monotonic()
+    if cfg.vcpus < 1 or cfg.vcpus > 128:
+        raise ConfigError(f"vcpus={cfg.vcpus}: must be 1..128", "vcpus")
+    if cfg.memory < 4 or cfg.memory > 64 * 1024:
+        raise ConfigError(f"memory={cfg.memory}: must be 4..65536 MiB", "memory")
+    kernel = load_pvh_kernel(cfg.kernel)
+    engine = select_engine(cfg.accel)
+    vm = engine.create_vm()
+    mem = GuestMemory(vm, cfg.name)
+    mem_bytes = cfg.memory * MiB
+    for i, (gpa, size) in enumerate(layout.ram_ranges(mem_bytes)):
+        mem.add_region(f"ram{i}", gpa, size, "ram")
+    mem.add_region("acpi", layout.ACPI_BASE, layout.ACPI_SIZE, "acpi")
+    mem.add_region("special", layout.SPECIAL_PAGES_BASE,
+                   layout.SPECIAL_PAGES_COUNT * layout.PAGE_SIZE, "special")
+
+    # kernel, modules, start_info
+    for seg in kernel.segments:
+        if not mem.is_ram(seg.paddr) or not mem.is_ram(seg.paddr + seg.memsz - 1):
+            raise KernelImageError(cfg.kernel, f"segment at 0x{seg.paddr:x} (+0x{seg.memsz:x}) "
+                                   f"does not fit in {cfg.memory} MiB of RAM")
+        mem.write(seg.paddr, seg.data + bytes(seg.memsz - len(seg.data)))
+    memmap = layout.build_memmap(mem_bytes)
+    si_base = _align(kernel.image_end)
+    mods_data = []
+    for path, mcmd in cfg.modules:
+        try:
+            with open(path, "rb") as f:
+                mods_data.append((f.read(), mcmd))
+        except OSError as e:
+            raise ConfigError(f"module {path}: {e.strerror}", "ramdisk") from e
+    acpi_blob, rsdp = acpi.build_acpi_tables(layout.ACPI_BASE, cfg.vcpus)
+    mem.write(layout.ACPI_BASE, acpi_blob)
+    probe = build_start_info_blob(si_base, cmdline=cfg.cmdline,
+                                  modules=[(0, len(d), c) for d, c in mods_data],
+                                  memmap=memmap, rsdp_paddr=rsdp)
+    addr = _align(si_base + len(probe))
+    modules = []
+    for data, mcmd in mods_data:
+        if not mem.is_ram(addr + len(data)):
+            raise ConfigError(f"modules do not fit in {cfg.memory} MiB of RAM", "memory")
+        mem.write(addr, data)
+        modules.append((addr, len(data), mcmd))
+        addr = _align(addr + len(data))
+    mem.write(si_base, build_start_info_blob(si_base, cmdline=cfg.cmdline, modules=modules,
+                                             memmap=memmap, rsdp_paddr=rsdp))
+
+    # domain + Xen state
+    domain = Domain(cfg.domid, cfg.name, vm, mem)
+    clock = DomainClock()
+    sink = ConsoleSink(stream=stream)
+    xd = XenDomain(domain, hypercall_msr=HYPERCALL_PAGE_MSR, clock=clock,
+                   max_pages=mem_bytes >> 12, sink=sink)
+    xd.e820 = [(r.addr, r.size, r.type) for r in memmap]
+    domain.handlers = xd
+    host_cpuid = engine.supported_cpuid()  # type: ignore[attr-defined]
+    for i in range(cfg.vcpus):
+        v = domain.add_vcpu(i)
+        xd.add_vcpu_state()
+        v.ev.set_cpuid(build_cpuid(host_cpuid, vcpu_id=i, domid=cfg.domid, nr_vcpus=cfg.vcpus,
+                                   xen_version=XEN_VERSION, hypercall_msr=HYPERCALL_PAGE_MSR))
+    vm.set_hypercall_sites(list(kernel.hypercall_sites))
+    vm.set_trapped_msrs([HYPERCALL_PAGE_MSR])
+    bsp = domain.vcpus[0]
+    sregs = bsp.ev.get_sregs()
+    regs = pvh_entry_state(sregs, kernel.entry, si_base)
+    bsp.ev.set_sregs(sregs)
+    bsp.ev.set_regs(regs)
+    bsp.initialised = True
+    clock.anchor(bsp.ev.get_tsc(), bsp.ev.tsc_khz())
+    xd.publish_time()
+
+    # xenstore and console pages + ports (store first, then console, as libxl does)
+    ev = xd.evtchn
+    store_port = ev.alloc_unbound(X.DOMID_SELF, 0)
+    console_port = ev.alloc_unbound(X.DOMID_SELF, 0)
+    xd.params.update({X.HVM_PARAM_STORE_PFN: layout.XENSTORE_PFN,
+                      X.HVM_PARAM_STORE_EVTCHN: store_port,
+                      X.HVM_PARAM_CONSOLE_PFN: layout.CONSOLE_PFN,
+                      X.HVM_PARAM_CONSOLE_EVTCHN: console_port})
+    console = ConsoleBackend(mem.view(layout.CONSOLE_PFN << 12, 4096),
+                             lambda: ev.set_pending(console_port),
+                             lambda data: sink.emit("console", data))
+    ev.bind_backend(console_port, console.notified)
+
+    # port I/O: debug console, ACPI sleep control (power off), reset register
+    xd.io_write_handlers[0xE9] = lambda v, p, d: sink.emit("debug", d)
+    xd.io_read_handlers[0xE9] = lambda v, p, n: b"\xe9" * n     # Bochs/QEMU port-E9 hack
+    xd.io_write_handlers[acpi.ACPI_SLEEP_CONTROL_PORT] = _sleep_control(domain)
+    xd.io_write_handlers[acpi.ACPI_SLEEP_STATUS_PORT] = lambda v, p, d: None
+    xd.io_read_handlers[acpi.ACPI_SLEEP_STATUS_PORT] = lambda v, p, n: bytes(n)
+    xd.io_write_handlers[acpi.ACPI_RESET_PORT] = _reset_register(domain)
+    return Vmm(domain, xd, console, (time.monotonic() - t0) * 1000)
+
+
+def _sleep_control(domain: Domain) -> Callable[[Vcpu, int, bytes], None]:
+    def write(_v: Vcpu, _p: int, data: bytes) -> None:
+        if acpi.decode_sleep_control(data[0]) == acpi.SLEEP_TYPE_S5:
+            domain.shutdown("poweroff", "ACPI S5")
+    return write
+
+
+def _reset_register(domain: Domain) -> Callable[[Vcpu, int, bytes], None]:
+    def write(_v: Vcpu, _p: int, data: bytes) -> None:
+        if data[0] & 0x04:
+            domain.shutdown("reboot", "ACPI reset register")
+    return write
+
+
+def kvm_available() -> bool:
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)

@@ -1,0 +1,249 @@
+"""Two-level event channels (Xen's ``common/event_channel.c`` + ``event_2l.c`` semantics).
+
+Per-port state lives here (type, notify vCPU, remote end); the guest-visible pending/mask bitmaps
+live in shared_info and the selector/upcall bytes in each vCPU's vcpu_info, updated with atomic
+operations because the guest changes the same words concurrently.
+
+Delivery (:meth:`EventChannels.set_pending`) may run on any thread: it sets the pending bit, the
+selector bit and ``evtchn_upcall_pending`` of the notify vCPU and then asks the domain to raise the
+upcall (an MSI of the vCPU's upcall vector). Ports bound to "domain 0" are served by in-VMM
+backends: a send from the guest calls the backend's callback.
+
+Errors raise :class:`XenError` with Xen's errno for the same case.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from pyxen.core import atomics
+from pyxen.xen.abi import xen as X
+from pyxen.xen.abi.errno import EEXIST, EINVAL, ENOENT, ENOSPC, EPERM, ESRCH, XenError
+
+if TYPE_CHECKING:
+    from pyxen.xen.domain import XenDomain
+
+PORTS_PER_BUCKET = 64      # Xen allocates channel state in buckets; ports beyond are invalid
+FREE, UNBOUND, INTERDOMAIN, PIRQ, VIRQ, IPI = 0, 1, 2, 3, 4, 5
+BACKEND_DOMID = 0
+
+
+@dataclass
+class Port:
+    """Hypervisor-side state of one event channel (serialisable)."""
+
+    state: int = FREE
+    notify_vcpu: int = 0
+    remote_dom: int = 0        # UNBOUND: who may bind; INTERDOMAIN: the peer domain
+    remote_port: int = 0       # INTERDOMAIN: the peer's port
+    virq: int = 0
+    backend: Callable[[int], None] | None = None   # INTERDOMAIN with dom0: in-VMM backend
+
+    def to_dict(self) -> dict:
+        return {"state": self.state, "notify_vcpu": self.notify_vcpu,
+                "remote_dom": self.remote_dom, "remote_port": self.remote_port,
+                "virq": self.virq}
+
+
+class EventChannels:
+    """All event channels of one domain."""
+
+    def __init__(self, xd: XenDomain) -> None:
+        self.xd = xd
+        self.ports: list[Port] = [Port(state=FREE)]    # port 0 is reserved, never allocated
+        self.virqs: dict[tuple[int, int], int] = {}   # (vcpu, virq) -> port
+        self.lock = threading.RLock()
+        self._backend_ports = 0
+
+    # --- helpers
+    @property
+    def domid(self) -> int:
+        return self.xd.domid
+
+    def _valid(self, port: int) -> bool:
+        return 0 <= port < len(self.ports)
+
+    def _get(self, port: int) -> Port:
+        if not 0 < port < len(self.ports) or port >= X.EVTCHN_2L_NR_CHANNELS:
+            raise XenError(EINVAL, f"port {port} out of range")
+        return self.ports[port]
+
+    def _alloc(self) -> int:
+        for p in range(1, len(self.ports)):
+            if self.ports[p].state == FREE:
+                return p
+        p = len(self.ports)
+        if p >= X.EVTCHN_2L_NR_CHANNELS:
+            raise XenError(ENOSPC, "no free event channel")
+        self.ports.extend(Port() for _ in range(PORTS_PER_BUCKET - p % PORTS_PER_BUCKET))
+        return p
+
+    def _resolve_dom(self, dom: int) -> int:
+        return self.domid if dom == X.DOMID_SELF else dom
+
+    def _check_vcpu(self, vcpu: int) -> None:
+        if not 0 <= vcpu < len(self.xd.domain.vcpus):
+            raise XenError(ENOENT, f"no vcpu {vcpu}")
+
+    # --- operations (EVTCHNOP_*)
+    def alloc_unbound(self, dom: int, remote_dom: int) -> int:
+        if self._resolve_dom(dom) != self.domid:
+            raise XenError(EPERM if dom < X.DOMID_FIRST_RESERVED else ESRCH,
+                           f"alloc_unbound for domain {dom}")
+        with self.lock:
+            p = self._alloc()
+            self.ports[p] = Port(UNBOUND, 0, self._resolve_dom(remote_dom))
+            return p
+
+    def bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
+        rdom = self._resolve_dom(remote_dom)
+        if rdom != self.domid:
+            # Other domains live in other VMM processes; a domU binds only within itself.
+            raise XenError(ESRCH if rdom != BACKEND_DOMID else EPERM,
+                           f"bind_interdomain to domain {remote_dom}")
+        with self.lock:
+            if not 0 < remote_port < len(self.ports):
+                raise XenError(EINVAL, f"remote port {remote_port}")
+            r = self.ports[remote_port]
+            if r.state != UNBOUND or r.remote_dom != self.domid:
+                raise XenError(EINVAL, f"remote port {remote_port} not unbound for us")
+            p = self._alloc()
+            self.ports[p] = Port(INTERDOMAIN, 0, self.domid, remote_port)
+            r.state, r.remote_dom, r.remote_port = INTERDOMAIN, self.domid, p
+            return p
+
+    def bind_virq(self, virq: int, vcpu: int) -> int:
+        if not 0 <= virq < X.NR_VIRQS:
+            raise XenError(EINVAL, f"virq {virq}")
+        if virq not in X.VIRQ_PER_VCPU and vcpu != 0:
+            raise XenError(EINVAL, f"global virq {virq} on vcpu {vcpu}")
+        self._check_vcpu(vcpu)
+        with self.lock:
+            if (vcpu, virq) in self.virqs:
+                raise XenError(EEXIST, f"virq {virq} already bound on vcpu {vcpu}")
+            p = self._alloc()
+            self.ports[p] = Port(VIRQ, vcpu, virq=virq)
+            self.virqs[(vcpu, virq)] = p
+            return p
+
+    def bind_ipi(self, vcpu: int) -> int:
+        self._check_vcpu(vcpu)
+        with self.lock:
+            p = self._alloc()
+            self.ports[p] = Port(IPI, vcpu)
+            return p
+
+    def bind_vcpu(self, port: int, vcpu: int) -> None:
+        self._check_vcpu(vcpu)
+        with self.lock:
+            ch = self._get(port)
+            if ch.state == VIRQ and ch.virq in X.VIRQ_PER_VCPU:
+                raise XenError(EINVAL, "per-vcpu virq cannot move")
+            if ch.state not in (UNBOUND, INTERDOMAIN, VIRQ, PIRQ):
+                raise XenError(EINVAL, f"port {port} in state {ch.state} cannot move")
+            if ch.state == VIRQ:
+                del self.virqs[(ch.notify_vcpu, ch.virq)]
+                self.virqs[(vcpu, ch.virq)] = port
+            ch.notify_vcpu = vcpu
+
+    def close(self, port: int) -> None:
+        with self.lock:
+            ch = self._get(port)
+            if ch.state == FREE:
+                raise XenError(EINVAL, f"port {port} not in use")
+            if ch.state == VIRQ:
+                self.virqs.pop((ch.notify_vcpu, ch.virq), None)
+            elif ch.state == INTERDOMAIN and ch.remote_dom == self.domid and ch.backend is None:
+                peer = self.ports[ch.remote_port]
+                peer.state, peer.remote_dom, peer.remote_port = UNBOUND, self.domid, 0
+            self.ports[port] = Port()
+            self.xd.clear_port_bits(port)
+
+    def status(self, dom: int, port: int) -> tuple[int, int, bytes]:
+        """Returns (status, vcpu, 8-byte union) as EVTCHNOP_status reports them."""
+        if self._resolve_dom(dom) != self.domid:
+            raise XenError(ESRCH if dom != BACKEND_DOMID else EPERM, f"status of domain {dom}")
+        with self.lock:
+            if not 0 < port < len(self.ports) and port != 0:
+                raise XenError(EINVAL, f"port {port} out of range")
+            ch = self.ports[port] if port < len(self.ports) else Port()
+            u = bytes(8)
+            if ch.state == UNBOUND:
+                u = ch.remote_dom.to_bytes(2, "little") + bytes(6)
+            elif ch.state == INTERDOMAIN:
+                u = (ch.remote_dom.to_bytes(2, "little") + bytes(2)
+                     + ch.remote_port.to_bytes(4, "little"))
+            elif ch.state == VIRQ:
+                u = ch.virq.to_bytes(4, "little") + bytes(4)
+            return ch.state, ch.notify_vcpu, u
+
+    def send(self, port: int) -> None:
+        with self.lock:
+            ch = self._get(port)
+            if ch.state == INTERDOMAIN:
+                if ch.backend is not None:
+                    backend = ch.backend
+                else:
+                    self.set_pending(ch.remote_port)
+                    return
+            elif ch.state == IPI:
+                self.set_pending(port)
+                return
+            elif ch.state == UNBOUND:
+                return                           # silently dropped, as Xen does
+            else:
+                raise XenError(EINVAL, f"cannot send on port {port} (state {ch.state})")
+        backend(port)                            # outside the lock: backends may raise events
+
+    def unmask(self, port: int) -> None:
+        with self.lock:
+            ch = self._get(port)
+            xd = self.xd
+            si = xd.shared_info.addr
+            if (atomics.test_and_clear_bit(si + X.SI_EVTCHN_MASK, port)
+                    and atomics.test_bit(si + X.SI_EVTCHN_PENDING, port)):
+                xd.mark_selector(ch.notify_vcpu, port)
+
+    def reset(self) -> None:
+        with self.lock:
+            for p in range(1, len(self.ports)):
+                if self.ports[p].state != FREE and self.ports[p].backend is None:
+                    self.close(p)
+
+    # --- delivery
+    def set_pending(self, port: int) -> None:
+        """Raise event ``port`` (any thread). Xen's ``evtchn_2l_set_pending``."""
+        with self.lock:
+            if not 0 < port < len(self.ports) or self.ports[port].state == FREE:
+                return
+            vcpu = self.ports[port].notify_vcpu
+            si = self.xd.shared_info.addr
+            if atomics.test_and_set_bit(si + X.SI_EVTCHN_PENDING, port):
+                return
+            if not atomics.test_bit(si + X.SI_EVTCHN_MASK, port):
+                self.xd.mark_selector(vcpu, port)
+        self.xd.domain.notify()                  # wake SCHEDOP_poll / block waiters
+
+    def send_virq(self, vcpu: int, virq: int) -> None:
+        port = self.virqs.get((vcpu if virq in X.VIRQ_PER_VCPU else 0, virq))
+        if port:
+            self.set_pending(port)
+
+    def is_pending(self, port: int) -> bool:
+        return atomics.test_bit(self.xd.shared_info.addr + X.SI_EVTCHN_PENDING, port)
+
+    # --- in-VMM backends ("domain 0" ends)
+    def bind_backend(self, port: int, callback: Callable[[int], None]) -> int:
+        """Connect an in-VMM backend to guest port ``port`` (unbound for domain 0).
+
+        Returns the backend's own port number (as EVTCHNOP_status shows it to the guest).
+        """
+        with self.lock:
+            ch = self._get(port)
+            if ch.state != UNBOUND or ch.remote_dom != BACKEND_DOMID:
+                raise XenError(EINVAL, f"port {port} is not unbound for domain 0")
+            self._backend_ports += 1
+            ch.state, ch.remote_port, ch.backend = INTERDOMAIN, self._backend_ports, callback
+            return self._backend_ports

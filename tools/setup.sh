@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up pyxen on a Debian 12 machine (as root): system packages, then a virtualenv in .venv
+# with pyxen and its pinned dependencies. Idempotent; fast when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v gcc >/dev/null || need+=(gcc)
+command -v make >/dev/null || need+=(make)
+command -v ld >/dev/null || need+=(binutils)
+ldconfig -p 2>/dev/null | grep -q 'libatomic.so.1 ' || need+=(libatomic1)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "pyxen setup: installing ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+if [ ! -w /dev/kvm ]; then
+    echo "pyxen setup: note: /dev/kvm is not usable here; KVM tests will be skipped" >&2
+fi
