@@ -42,8 +42,8 @@ class _FuzzVcpu:
 
 @pytest.fixture(scope="module")
 def parked_domain(guest_elfs):
-    """The 'version' guest, run to completion: a live domain in long mode with paging on."""
-    spec = GuestSpec("version")
+    """The boot guest, run to completion: a live domain in long mode with paging on."""
+    spec = GuestSpec("boot")
     vmm = build(DomainConfig(kernel=str(guest_elfs / f"{spec.name}.elf"), memory=16,
                              name="fuzz"))
     vmm.start()

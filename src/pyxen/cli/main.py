@@ -24,11 +24,12 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pyxen.testing.guests import SHUTDOWN_REASONS, SUITE, build_guests, run_guest
+    from pyxen.testing.guests import (SHUTDOWN_REASONS, SUITE, available, build_guests,
+                                      run_guest)
 
     out = Console()
     elf_dir = build_guests()
-    specs = SUITE + (SHUTDOWN_REASONS if args.all else ())
+    specs = available(SUITE + (SHUTDOWN_REASONS if args.all else ()))
     if args.only:
         specs = tuple(s for s in specs if s.name in args.only)
     table = Table(title=f"pyxen selftest (accel={args.accel})")

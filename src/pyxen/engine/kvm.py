@@ -117,7 +117,8 @@ class KvmEngineVm(EngineVm):
 
     # --- vCPUs and interrupts
     def create_vcpu(self, index: int) -> KvmEngineVcpu:
-        v = KvmEngineVcpu(self, self.vm.create_vcpu(index), index)
+        # On x86 the KVM vCPU id is the initial APIC ID, which pyxen defines as 2 * index.
+        v = KvmEngineVcpu(self, self.vm.create_vcpu(2 * index), index)
         v.apply_debug(self._sites)
         self._vcpus.append(v)
         return v

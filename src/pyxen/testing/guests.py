@@ -45,7 +45,7 @@ def _sched(reason: str, **kw: object) -> GuestSpec:
 #: The selftest suite: one entry per ABI area (plus every shutdown reason for sched).
 SUITE: tuple[GuestSpec, ...] = (
     GuestSpec("boot", vcpus=2, cmdline="selftest boot arg=42 vcpus=2",
-              modules=((MODULE_BYTES, "module0 cmdline"),)),
+              modules=((MODULE_BYTES, "mod0 arg"),)),
     GuestSpec("version"),
     GuestSpec("hcall_page"),
     GuestSpec("memory", memory=32),
@@ -60,8 +60,15 @@ SUITE: tuple[GuestSpec, ...] = (
 #: Extra shutdown reasons exercised by the integration tests and ``selftest --all``.
 SHUTDOWN_REASONS: tuple[GuestSpec, ...] = (
     _sched("reboot"), _sched("crash"), _sched("watchdog"), _sched("soft_reset"),
-    _sched("suspend", resume_suspend=True),
+    GuestSpec("sched", cmdline="selftest sched reason=suspend", reason="poweroff",
+              resume_suspend=True),
 )
+
+
+def available(specs: tuple[GuestSpec, ...]) -> tuple[GuestSpec, ...]:
+    """The specs whose guest sources exist in this checkout."""
+    src = source_dir()
+    return tuple(s for s in specs if (src / s.name / "main.c").exists())
 
 
 def source_dir() -> Path:
@@ -145,8 +152,10 @@ def run_guest(spec: GuestSpec, elf_dir: Path, accel: str = "kvm") -> GuestResult
                 if ok and vmm.domain.runstate.state == "running":
                     vmm.console.send_input(text)
             state = vmm.wait(max(0.0, deadline - time.monotonic()))
+            suspended = False
             if (state is not None and spec.resume_suspend and state.state == "shutdown"
                     and state.reason == "suspend"):
+                suspended = True
                 vmm.domain.resume_from_suspend(1)
                 time.sleep(0.01)
                 state = vmm.wait(max(0.0, deadline - time.monotonic()))
@@ -167,7 +176,12 @@ def run_guest(spec: GuestSpec, elf_dir: Path, accel: str = "kvm") -> GuestResult
         verdict, count = m.group(2), m.group(3)
         checks = int(count.split("/")[-1]) if count.split("/")[-1].isdigit() else 0
         passed = verdict == "PASS" and reason == spec.reason and not failures
-        summary = f"{verdict} {count}"
+        if spec.resume_suspend and not (suspended and "RESUMED 1" in text):
+            passed = False
+            summary_extra = ", suspend was not seen and cancelled"
+        else:
+            summary_extra = ""
+        summary = f"{verdict} {count}{summary_extra}"
         if reason != spec.reason:
             summary += f", ended with {reason} (expected {spec.reason})"
     return GuestResult(spec, passed, summary, reason, checks, failures, text,

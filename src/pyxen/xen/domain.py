@@ -83,8 +83,8 @@ class XenDomain:
         self.shutdown_code: int | None = None
         self.max_pages = max_pages
         self.tot_pages = max_pages
+        self.ballooned: set[int] = set()        # RAM frames given back with decrease_reservation
         self.sink = sink or ConsoleSink()
-        self.console_input = bytearray()       # for CONSOLEIO_read
         self.io_write_handlers: dict[int, Callable[[Vcpu, int, bytes], None]] = {}
         self.io_read_handlers: dict[int, Callable[[Vcpu, int, int], bytes]] = {}
         self.timers = Timers(clock, self._timer_fired, f"d{self.domid}")

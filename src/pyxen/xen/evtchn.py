@@ -112,7 +112,10 @@ class EventChannels:
             p = self._alloc()
             self.ports[p] = Port(INTERDOMAIN, 0, self.domid, remote_port)
             r.state, r.remote_dom, r.remote_port = INTERDOMAIN, self.domid, p
-            return p
+        # Notifications sent to the unbound port may be lost: Xen conservatively raises the new
+        # local port (evtchn_bind_interdomain).
+        self.set_pending(p)
+        return p
 
     def bind_virq(self, virq: int, vcpu: int) -> int:
         if not 0 <= virq < X.NR_VIRQS:
@@ -143,10 +146,7 @@ class EventChannels:
                 raise XenError(EINVAL, "per-vcpu virq cannot move")
             if ch.state not in (UNBOUND, INTERDOMAIN, VIRQ, PIRQ):
                 raise XenError(EINVAL, f"port {port} in state {ch.state} cannot move")
-            if ch.state == VIRQ:
-                del self.virqs[(ch.notify_vcpu, ch.virq)]
-                self.virqs[(vcpu, ch.virq)] = port
-            ch.notify_vcpu = vcpu
+            ch.notify_vcpu = vcpu     # a global VIRQ stays bound as (0, virq); only delivery moves
 
     def close(self, port: int) -> None:
         with self.lock:
@@ -154,7 +154,8 @@ class EventChannels:
             if ch.state == FREE:
                 raise XenError(EINVAL, f"port {port} not in use")
             if ch.state == VIRQ:
-                self.virqs.pop((ch.notify_vcpu, ch.virq), None)
+                key = (ch.notify_vcpu if ch.virq in X.VIRQ_PER_VCPU else 0, ch.virq)
+                self.virqs.pop(key, None)
             elif ch.state == INTERDOMAIN and ch.remote_dom == self.domid and ch.backend is None:
                 peer = self.ports[ch.remote_port]
                 peer.state, peer.remote_dom, peer.remote_port = UNBOUND, self.domid, 0

@@ -26,6 +26,8 @@ def _is_self(ctx: HypercallContext, domid: int) -> bool:
 def do_grant_table_op(ctx: HypercallContext) -> int:
     cmd, uop, count = ctx.args[0], ctx.args[1], ctx.args[2] & 0xFFFFFFFF
     gt = ctx.xd.gnttab
+    if cmd in (X.GNTTABOP_query_size, X.GNTTABOP_setup_table) and count != 1:
+        raise XenError(EINVAL, f"grant_table_op {cmd} takes exactly one op")
     if cmd == X.GNTTABOP_query_size:
         for i in range(count):
             a = uop + 16 * i
@@ -37,7 +39,14 @@ def do_grant_table_op(ctx: HypercallContext) -> int:
         if count != 1:
             raise XenError(EINVAL, "set_version takes one op")
         version, = ctx.unpack("I", uop)
-        ctx.pack_into("I", uop, gt.set_version(version))
+        errno = 0
+        if version not in (1, 2):
+            errno = EINVAL
+        elif version == 2:
+            errno = ENOSYS                      # only v1 is offered (max version 1)
+        ctx.pack_into("I", uop, gt.version)     # Xen always writes back the current version
+        if errno:
+            raise XenError(errno, f"grant table version {version}")
         return 0
     if cmd == X.GNTTABOP_get_version:
         if count != 1:

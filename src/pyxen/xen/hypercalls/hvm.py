@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pyxen.xen.abi import xen as X
-from pyxen.xen.abi.errno import EINVAL, ENOENT, ENOSYS, EPERM, XenError
+from pyxen.xen.abi.errno import EEXIST, EINVAL, ENOENT, ENOSYS, EPERM, XenError
 from pyxen.xen.context import HypercallContext
 from pyxen.xen.hypercalls.memory import check_self
 
@@ -12,6 +12,10 @@ from pyxen.xen.hypercalls.memory import check_self
 #: VM_GENERATION_ID_ADDR, X87_FIP_WIDTH, VM86_TSS_SIZED; readable adds STORE_PFN, CONSOLE_PFN, ALTP2M
 GUEST_SETTABLE = frozenset({0, 2, 15, 18, 19, 34, 36, 37})
 GUEST_READABLE = GUEST_SETTABLE | {1, 17, 35}
+#: PAE_ENABLED, MEMORY_EVENT_CR0/CR3/CR4/INT3/SINGLE_STEP/MSR: deprecated, -EINVAL either way
+DEPRECATED = frozenset({4, 20, 21, 22, 23, 25, 30})
+#: set by Xen or the toolstack only; a guest write is -EEXIST
+READ_ONLY = frozenset({35})
 
 
 def do_hvm_op(ctx: HypercallContext) -> int:
@@ -20,9 +24,11 @@ def do_hvm_op(ctx: HypercallContext) -> int:
     if op in (X.HVMOP_set_param, X.HVMOP_get_param):
         domid, index, value = ctx.unpack("HxxIQ", arg)
         check_self(ctx, domid)
-        if index >= X.HVM_NR_PARAMS:
+        if index >= X.HVM_NR_PARAMS or index in DEPRECATED:
             raise XenError(EINVAL, f"param {index}")
         if op == X.HVMOP_set_param:
+            if index in READ_ONLY:
+                raise XenError(EEXIST, f"param {index} is read-only")
             if index not in GUEST_SETTABLE:
                 raise XenError(EPERM, f"param {index} is not guest-settable")
             xd.params[index] = value
@@ -38,12 +44,13 @@ def do_hvm_op(ctx: HypercallContext) -> int:
         if vcpu >= len(xd.vcpu_state):
             raise XenError(ENOENT, f"no vcpu {vcpu}")
         xd.vcpu_state[vcpu].upcall_vector = vector
-        if xd.upcall_pending(vcpu):
-            xd.assert_upcall(vcpu)
+        xd.assert_upcall(vcpu)               # hvm_assert_evtchn_irq(), unconditionally
         return 0
     if op == X.HVMOP_get_time:
         ctx.pack_into("Q", arg, xd.clock.now_ns())
         return 0
     if op == X.HVMOP_pagetable_dying:
-        raise XenError(ENOSYS, "pagetable_dying is for shadow paging")
+        domid, _gpa = ctx.unpack("HxxxxxxQ", arg)
+        check_self(ctx, domid)
+        raise XenError(EINVAL, "pagetable_dying is only for shadow-paged domains")
     raise XenError(ENOSYS, f"hvm_op {op}")

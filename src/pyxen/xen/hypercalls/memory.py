@@ -65,6 +65,8 @@ def add_to_physmap(ctx: HypercallContext, arg: int) -> int:
         return 0
     if space in (X.XENMAPSPACE_gmfn, X.XENMAPSPACE_gmfn_range):
         raise XenError(ENOSYS, "moving RAM frames (XENMAPSPACE_gmfn) is not supported")
+    if space == X.XENMAPSPACE_gmfn_foreign:
+        raise XenError(ENOSYS, "gmfn_foreign exists only in add_to_physmap_batch")
     raise XenError(EINVAL, f"map space {space}")
 
 
@@ -80,8 +82,11 @@ def memory_map(ctx: HypercallContext, arg: int) -> int:
 def reservation(ctx: HypercallContext, cmd: int, arg: int, start: int) -> int:
     """increase/decrease_reservation and populate_physmap; returns extents done (Xen style:
     failures stop the batch and the count so far is returned, not an errno)."""
-    extent_start, nr, order, _flags, domid = ctx.unpack("QQIIH", arg)
-    check_self(ctx, domid)
+    try:
+        extent_start, nr, order, _flags, domid = ctx.unpack("QQIIH", arg)
+        check_self(ctx, domid)
+    except XenError:
+        return start                  # Xen returns start_extent, not an errno, here
     if order > MAX_EXTENT_ORDER:
         return start
     xd = ctx.xd
@@ -94,17 +99,25 @@ def reservation(ctx: HypercallContext, cmd: int, arg: int, start: int) -> int:
                 break
             xd.tot_pages += pages
         else:
-            gfn, = ctx.unpack("Q", extent_start + 8 * done)
+            try:
+                gfn, = ctx.unpack("Q", extent_start + 8 * done)
+            except XenError:
+                break
             gpa = gfn << 12
             if gfn & (pages - 1) or not all(mem.is_ram(gpa + i * 4096) for i in (0, pages - 1)):
                 break
+            frames = range(gfn, gfn + pages)
             if cmd == X.XENMEM_decrease_reservation:
+                if any(f in xd.ballooned for f in frames):
+                    break                       # nothing there to give back
                 mem.zero(gpa, pages * 4096)     # the frame's contents are gone
+                xd.ballooned.update(frames)
                 xd.tot_pages -= pages
             else:
                 if xd.tot_pages + pages > xd.max_pages:
                     break
                 mem.zero(gpa, pages * 4096)
+                xd.ballooned.difference_update(frames)
                 xd.tot_pages += pages
         done += 1
     return done

@@ -2,7 +2,7 @@
 
 vcpu_info registration (new Xen semantics: a second registration is -EBUSY, an area crossing a
 page -ENXIO), runstate/time areas (guest-virtual), Xen timers, and PVH AP bring-up through
-VCPUOP_initialise (struct vcpu_hvm_context) + VCPUOP_up. VCPUOP_down is not offered to HVM.
+VCPUOP_initialise (struct vcpu_hvm_context) + VCPUOP_up, and VCPUOP_down.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import ctypes
 import struct
 
 from pyxen.xen.abi import xen as X
-from pyxen.xen.abi.errno import EBUSY, EEXIST, EINVAL, ENOENT, ENOSYS, ENXIO, ETIME, XenError
+from pyxen.xen.abi.errno import EBUSY, EEXIST, EINVAL, ENOENT, ENOSYS, ENXIO, XenError
 from pyxen.xen.context import HypercallContext
 
 MILLISECS = 1_000_000
 STIME_DELTA_MAX = (1 << 62) - 1
+RUNSTATE_running, RUNSTATE_runnable, RUNSTATE_blocked, RUNSTATE_offline = 0, 1, 2, 3
 VCPU_HVM_MODE_32B = 0
 VCPU_HVM_MODE_64B = 1
 HVM_CONTEXT_SIZE = 128
@@ -32,12 +33,12 @@ def do_vcpu_op(ctx: HypercallContext) -> int:
     if cmd == X.VCPUOP_register_vcpu_info:
         mfn, offset, _rsvd = ctx.unpack("QII", arg)
         gaddr = (mfn << 12) + offset
-        if gaddr >> 52 or (gaddr >> 12) != mfn + (offset >> 12) or offset >= 1 << 32:
-            raise XenError(EINVAL, "bad vcpu_info address")
+        if gaddr >> 52 or (gaddr >> 12) != mfn:
+            raise XenError(EINVAL, "vcpu_info offset leaves the frame")
         if st.vcpu_info_gpa is not None:
             raise XenError(EBUSY, f"vcpu {vcpuid} already has a vcpu_info")
-        if (gaddr & ~0xFFF) != ((gaddr + X.VCPU_INFO_SIZE - 1) & ~0xFFF):
-            raise XenError(ENXIO, "vcpu_info crosses a page")
+        if gaddr & 7 or (gaddr & ~0xFFF) != ((gaddr + X.VCPU_INFO_SIZE - 1) & ~0xFFF):
+            raise XenError(ENXIO, "vcpu_info misaligned or crossing a page")
         if not xd.memory.is_ram(gaddr):
             raise XenError(EINVAL, f"vcpu_info frame 0x{gaddr >> 12:x} is not RAM")
         register_vcpu_info(xd, vcpuid, gaddr)
@@ -45,9 +46,12 @@ def do_vcpu_op(ctx: HypercallContext) -> int:
     if cmd == X.VCPUOP_register_runstate_memory_area:
         gva, = ctx.unpack("Q", arg)
         st.runstate_gva = gva or None
-        if gva and self_call:
+        if gva:     # Xen writes the area at once, for the caller or any other vCPU
             now = xd.clock.now_ns()
-            ctx.write(gva, struct.pack("<iiQ4Q", 0, 0, now, now, 0, 0, 0))
+            state = RUNSTATE_running if self_call else (
+                RUNSTATE_runnable if target.online else RUNSTATE_offline)
+            ctx.write(gva, struct.pack("<iiQ4Q", state, 0, now, now if self_call else 0,
+                                       0, 0, 0 if target.online else now))
         return 0
     if cmd == X.VCPUOP_register_vcpu_time_memory_area:
         gva, = ctx.unpack("Q", arg)
@@ -59,9 +63,8 @@ def do_vcpu_op(ctx: HypercallContext) -> int:
     if cmd == X.VCPUOP_set_singleshot_timer:
         if not self_call:
             raise XenError(EINVAL, "singleshot timer of another vcpu")
-        deadline, flags = ctx.unpack("QI", arg)
-        if flags & X.VCPU_SSHOTTMR_future and deadline < xd.clock.now_ns():
-            raise XenError(ETIME, "deadline already passed")
+        deadline, _flags = ctx.unpack("QI", arg)
+        # Current Xen ignores VCPU_SSHOTTMR_future: a past deadline fires at once.
         xd.timers.set_singleshot(vcpuid, deadline)
         return 0
     if cmd == X.VCPUOP_stop_singleshot_timer:
@@ -90,6 +93,12 @@ def do_vcpu_op(ctx: HypercallContext) -> int:
             raise XenError(EINVAL, f"vcpu {vcpuid} not initialised")
         if not target.online:
             xd.start_vcpu(vcpuid)
+        return 0
+    if cmd == X.VCPUOP_down:
+        if target.online:
+            target.online = False
+            if not self_call:
+                target.ev.kick()
         return 0
     raise XenError(ENOSYS, f"vcpu_op cmd {cmd} (not available to HVM/PVH)")
 
