@@ -132,7 +132,7 @@ class Vcpu:
             v = h.msr_read(self, ex.msr)
             self.ev.complete_msr_read(v or 0, fault=v is None)
         elif k is ExitKind.MMIO:
-            if not ex.is_write and hasattr(self.ev, "complete_mmio_read"):
+            if not ex.is_write:
                 self.ev.complete_mmio_read(b"\xff" * ex.size)
         elif k is ExitKind.INTERRUPTED or k is ExitKind.HALT:
             pass

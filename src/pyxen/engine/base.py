@@ -125,6 +125,10 @@ class EngineVcpu(ABC):
         """Supply the bytes an IN instruction reads (length = exit ``size``)."""
 
     @abstractmethod
+    def complete_mmio_read(self, data: bytes) -> None:
+        """Supply the bytes a read from unbacked guest-physical memory returns."""
+
+    @abstractmethod
     def complete_msr_read(self, value: int, fault: bool = False) -> None: ...
 
     @abstractmethod

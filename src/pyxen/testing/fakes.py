@@ -62,6 +62,9 @@ class FakeEngineVcpu(EngineVcpu):
     def complete_io_read(self, data: bytes) -> None:
         self.completions.append(("io_read", bytes(data)))
 
+    def complete_mmio_read(self, data: bytes) -> None:
+        self.completions.append(("mmio_read", bytes(data)))
+
     def complete_msr_read(self, value: int, fault: bool = False) -> None:
         self.completions.append(("msr_read", value, fault))
 

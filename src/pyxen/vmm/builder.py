@@ -10,7 +10,6 @@ leave vCPU 0 at the PVH entry. The result is paused until :meth:`Vmm.start`.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -199,6 +198,3 @@ def _reset_register(domain: Domain) -> Callable[[Vcpu, int, bytes], None]:
             domain.shutdown("reboot", "ACPI reset register")
     return write
 
-
-def kvm_available() -> bool:
-    return os.access("/dev/kvm", os.R_OK | os.W_OK)

@@ -275,7 +275,3 @@ class XenDomain:
     def close(self) -> None:
         self.timers.close()
 
-
-def no_return() -> object:
-    """Handlers return this when the vCPU must not continue (shutdown)."""
-    return NO_RETURN

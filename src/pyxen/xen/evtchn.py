@@ -167,9 +167,9 @@ class EventChannels:
         if self._resolve_dom(dom) != self.domid:
             raise XenError(ESRCH if dom != BACKEND_DOMID else EPERM, f"status of domain {dom}")
         with self.lock:
-            if not 0 < port < len(self.ports) and port != 0:
+            if not 0 <= port < len(self.ports):
                 raise XenError(EINVAL, f"port {port} out of range")
-            ch = self.ports[port] if port < len(self.ports) else Port()
+            ch = self.ports[port]
             u = bytes(8)
             if ch.state == UNBOUND:
                 u = ch.remote_dom.to_bytes(2, "little") + bytes(6)
