@@ -9,6 +9,11 @@ command -v gcc >/dev/null || need+=(gcc)
 command -v make >/dev/null || need+=(make)
 command -v ld >/dev/null || need+=(binutils)
 ldconfig -p 2>/dev/null | grep -q 'libatomic.so.1 ' || need+=(libatomic1)
+# the software engine (patched Unicorn) is built from source; the guest image uses apt/dpkg
+command -v cmake >/dev/null || need+=(cmake)
+command -v ninja >/dev/null || need+=(ninja-build)
+command -v patch >/dev/null || need+=(patch)
+command -v g++ >/dev/null || need+=(g++)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
     echo "pyxen setup: installing ${need[*]}" >&2
@@ -21,6 +26,8 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# software engine: Unicorn 2.1.4 + pyxen's patch set, built once into ~/.cache/pyxen
+.venv/bin/python -m pyxen.tcg.build
 if [ ! -w /dev/kvm ]; then
     echo "pyxen setup: note: /dev/kvm is not usable here; KVM tests will be skipped" >&2
 fi

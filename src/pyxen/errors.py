@@ -14,6 +14,7 @@ Hierarchy::
      |    +-- EngineUnavailable the requested engine cannot run on this host
      +-- DomainError            a domain operation failed
      +-- GuestBuildError        the in-tree test guests could not be built
+     +-- ImageError             the guest image could not be fetched or built (names the step)
 """
 
 from __future__ import annotations
@@ -54,3 +55,7 @@ class DomainError(PyxenError):
 
 class GuestBuildError(PyxenError):
     """The in-tree test guests could not be built (missing compiler, build failure)."""
+
+
+class ImageError(PyxenError):
+    """The guest image (kernel + initramfs) could not be fetched, built or read; names the step."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -21,10 +22,28 @@ assert SELF == 0x7FF0
 VIRQ_TIMER, VIRQ_DEBUG, VIRQ_CONSOLE, VIRQ_DOM_EXC = 0, 1, 2, 3
 
 
+class StubVm:
+    """Counts exclusive() sections: event bits must change only inside one."""
+
+    def __init__(self) -> None:
+        self.exclusive_sections = 0
+        self.inside = False
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        self.exclusive_sections += 1
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+
 class StubDomain:
     def __init__(self, nvcpus: int) -> None:
         self.vcpus = [SimpleNamespace(index=i) for i in range(nvcpus)]
         self.notifies = 0
+        self.vm = StubVm()
 
     def notify(self) -> None:
         self.notifies += 1
@@ -41,6 +60,7 @@ class StubXenDomain:
         self.selected: list[tuple[int, int]] = []
 
     def mark_selector(self, vcpu: int, port: int) -> None:
+        assert self.domain.vm.inside, "event bits changed outside vm.exclusive()"
         self.selected.append((vcpu, port))
 
     def clear_port_bits(self, port: int) -> None:

@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("selftest", help="boot every test guest and report PASS/FAIL")
-    s.add_argument("--accel", default="kvm", choices=["kvm", "auto"])
+    s.add_argument("--accel", default="kvm", choices=["kvm", "tcg", "auto"])
     s.add_argument("--all", action="store_true", help="also every SCHEDOP_shutdown reason")
     s.add_argument("--only", nargs="*", help="only these guests")
     s.set_defaults(func=cmd_selftest)
@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cmdline", default="")
     b.add_argument("--memory", type=int, default=64, help="MiB")
     b.add_argument("--vcpus", type=int, default=1)
-    b.add_argument("--accel", default="auto", choices=["kvm", "auto"])
+    b.add_argument("--accel", default="auto", choices=["kvm", "tcg", "auto"])
     b.add_argument("--name", default="domU")
     b.add_argument("--timeout", type=float, default=None, help="seconds")
     b.set_defaults(func=cmd_boot)

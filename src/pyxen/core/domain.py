@@ -61,6 +61,8 @@ class Vcpu:
         self.apic_id = 2 * index
         self.ev = engine_vcpu
         self.online = False          # Xen: !VPF_down
+        #: the thread may wait inside the engine for INIT/SIPI (an AP the guest starts itself)
+        self.sipi_wait = False
         self.initialised = False     # has a register state to start from
         self.thread: threading.Thread | None = None
         self.exits = 0
@@ -73,13 +75,24 @@ class Vcpu:
         self.setup: Callable[[Vcpu], None] | None = None
 
     def start(self) -> None:
+        """Bring the vCPU up (Xen: clear VPF_down) and make sure its thread runs."""
         self.online = True
+        self.sipi_wait = False
+        self._ensure_thread()
+
+    def start_waiting_for_sipi(self) -> None:
+        """Run the thread in the engine's wait-for-SIPI state (the guest starts the AP)."""
+        self.sipi_wait = True
+        self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
         if self.thread is None:
             self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}",
                                            daemon=True)
             self.thread.start()
         else:
             self.domain.notify()
+            self.ev.kick()
 
     # --- the vCPU thread
     def _main(self) -> None:
@@ -172,7 +185,7 @@ class Domain:
                 st = self.runstate.state
                 if st == "dying":
                     return False
-                if st == "running" and vcpu.online:
+                if st == "running" and (vcpu.online or vcpu.sipi_wait):
                     if self.first_entry_ns is None:
                         self.first_entry_ns = time.monotonic_ns()
                     return True

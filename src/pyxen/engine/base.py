@@ -17,6 +17,7 @@ Threading contract: a vCPU's ``run``/``get_*``/``set_*`` are called only from th
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -191,6 +192,20 @@ class EngineVm(ABC):
     @abstractmethod
     def set_trapped_msrs(self, msrs: list[int]) -> None:
         """Report RDMSR/WRMSR of these MSR indices as MSR_READ/MSR_WRITE exits."""
+
+    def set_trapped_ports(self, ports: list[int]) -> None:
+        """The I/O ports the VMM handles (IO exits). Engines may treat every other port as
+        having no device (reads all-ones, writes dropped) without exiting; by default every
+        port exits."""
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """A block during which no guest instruction runs concurrently (any thread).
+
+        Wrap read-modify-writes of guest memory that the guest also updates with locked
+        instructions (event-channel bits). Hardware engines execute guest atomics atomically,
+        so host atomics suffice and the default is a no-op; the software engine stops its CPU.
+        """
+        return contextlib.nullcontext()
 
     @abstractmethod
     def close(self) -> None: ...

@@ -47,17 +47,41 @@ class DomainConfig:
     domid: int = 1
 
 
+ACCELS = ("auto", "kvm", "tcg")
+
+
+def hardware_virtualisation() -> bool:
+    """True if the host CPU offers VT-x/AMD-V, so KVM runs guest ring 0 natively.
+
+    Without it (e.g. ``kvm_pvm``) KVM interprets guest kernel code and a stock kernel cannot
+    boot, so ``auto`` picks the software engine.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "vmx" in flags or "svm" in flags
+    except OSError:
+        pass
+    return False
+
+
 def select_engine(accel: str) -> Engine:
-    """The engine for ``accel`` (``kvm``, ``tcg`` or ``auto``)."""
-    if accel in ("kvm", "auto"):
+    """The engine for ``accel``: ``kvm``, ``tcg`` or ``auto`` (kvm with hardware
+    virtualisation, else tcg). Raises ConfigError for an unknown name, EngineUnavailable."""
+    if accel not in ACCELS:
+        raise ConfigError(f"accel={accel!r}: unknown accelerator (use one of "
+                          f"{', '.join(ACCELS)})", "accel")
+    if accel == "kvm" or (accel == "auto" and hardware_virtualisation()):
         from pyxen.engine.kvm import KvmEngine
         try:
             return KvmEngine()
         except EngineUnavailable:
             if accel == "kvm":
                 raise
-    raise EngineUnavailable(f"accel={accel}: no usable engine on this host "
-                            "(the software engine is not available yet)")
+    from pyxen.engine.tcg import TcgEngine
+    return TcgEngine()
 
 
 class Vmm:
@@ -71,8 +95,12 @@ class Vmm:
         self.build_ms = build_ms
 
     def start(self) -> None:
+        """Run vCPU 0 at the entry point; the others wait for INIT/SIPI or VCPUOP_up."""
         self.domain.unpause()
         self.domain.vcpus[0].start()
+        for v in self.domain.vcpus[1:]:
+            if not v.online:
+                v.start_waiting_for_sipi()
 
     def wait(self, timeout: float | None = None) -> RunState | None:
         return self.domain.wait_for_shutdown(timeout)
@@ -182,6 +210,8 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
     xd.io_write_handlers[acpi.ACPI_SLEEP_STATUS_PORT] = lambda v, p, d: None
     xd.io_read_handlers[acpi.ACPI_SLEEP_STATUS_PORT] = lambda v, p, n: bytes(n)
     xd.io_write_handlers[acpi.ACPI_RESET_PORT] = _reset_register(domain)
+    vm.set_trapped_ports(sorted({Engine.HYPERCALL_PORT, *xd.io_write_handlers,
+                                 *xd.io_read_handlers}))
     return Vmm(domain, xd, console, (time.monotonic() - t0) * 1000)
 
 

@@ -149,7 +149,7 @@ class EventChannels:
             ch.notify_vcpu = vcpu     # a global VIRQ stays bound as (0, virq); only delivery moves
 
     def close(self, port: int) -> None:
-        with self.lock:
+        with self.xd.domain.vm.exclusive(), self.lock:
             ch = self._get(port)
             if ch.state == FREE:
                 raise XenError(EINVAL, f"port {port} not in use")
@@ -199,7 +199,7 @@ class EventChannels:
         backend(port)                            # outside the lock: backends may raise events
 
     def unmask(self, port: int) -> None:
-        with self.lock:
+        with self.xd.domain.vm.exclusive(), self.lock:
             ch = self._get(port)
             xd = self.xd
             si = xd.shared_info.addr
@@ -208,15 +208,18 @@ class EventChannels:
                 xd.mark_selector(ch.notify_vcpu, port)
 
     def reset(self) -> None:
-        with self.lock:
+        with self.xd.domain.vm.exclusive(), self.lock:
             for p in range(1, len(self.ports)):
                 if self.ports[p].state != FREE and self.ports[p].backend is None:
                     self.close(p)
 
     # --- delivery
     def set_pending(self, port: int) -> None:
-        """Raise event ``port`` (any thread). Xen's ``evtchn_2l_set_pending``."""
-        with self.lock:
+        """Raise event ``port`` (any thread). Xen's ``evtchn_2l_set_pending``.
+
+        Inside ``vm.exclusive()``: the guest updates the same words with locked instructions.
+        """
+        with self.xd.domain.vm.exclusive(), self.lock:
             if not 0 < port < len(self.ports) or self.ports[port].state == FREE:
                 return
             vcpu = self.ports[port].notify_vcpu

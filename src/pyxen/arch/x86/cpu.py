@@ -3,6 +3,7 @@
 * :func:`pvh_entry_state` — Xen's PVH boot contract (docs/misc/pvh.pandoc): 32-bit protected
   mode, paging off, flat segments, EBX = start_info.
 * :func:`hvm_context_state` — a ``vcpu_hvm_context`` (VCPUOP_initialise) in 32- or 64-bit mode.
+* :func:`real_mode_state` — an application processor started by INIT + SIPI.
 """
 
 from __future__ import annotations
@@ -50,4 +51,27 @@ def hvm_context_state(sregs: SRegs, ctx: dict) -> Regs:
     regs = Regs()
     for name in ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "rip", "rflags"):
         setattr(regs, name, ctx[name])
+    return regs
+
+
+def real_mode_state(sregs: SRegs, sipi_vector: int) -> Regs:
+    """The state after INIT + SIPI (Intel SDM 8.4.4/9.1.1): real mode at CS:IP = vector<<8 : 0."""
+    for name in ("ds", "es", "ss", "fs", "gs"):
+        seg = getattr(sregs, name)
+        seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFF, 0, 3
+        seg.present, seg.dpl, seg.s, seg.g, seg.l, seg.db, seg.avl, seg.unusable = 1, 0, 1, 0, 0, 0, 0, 0
+    cs = sregs.cs
+    cs.selector, cs.base, cs.limit, cs.type = sipi_vector << 8, sipi_vector << 12, 0xFFFF, 0xB
+    cs.present, cs.dpl, cs.s, cs.g, cs.l, cs.db, cs.avl, cs.unusable = 1, 0, 1, 0, 0, 0, 0, 0
+    tr = sregs.tr
+    tr.base, tr.limit, tr.selector, tr.type = 0, 0xFFFF, 0, 0xB
+    tr.present, tr.dpl, tr.s, tr.g, tr.l, tr.db, tr.unusable = 1, 0, 0, 0, 0, 0, 0
+    ldt = sregs.ldt
+    ldt.base, ldt.limit, ldt.selector, ldt.type = 0, 0xFFFF, 0, 2
+    ldt.present, ldt.s, ldt.unusable = 1, 0, 0
+    sregs.gdt.base, sregs.gdt.limit = 0, 0xFFFF
+    sregs.idt.base, sregs.idt.limit = 0, 0xFFFF
+    sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer = 0x60000010, 0, 0, 0, 0
+    regs = Regs()
+    regs.rip, regs.rflags, regs.rdx = 0, 0x2, 0x600
     return regs

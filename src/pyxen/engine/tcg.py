@@ -1,0 +1,704 @@
+"""The software engine (``tcg``): guest code runs on pyxen's patched Unicorn (QEMU TCG).
+
+One Unicorn CPU per VM is time-multiplexed over all vCPUs, as QEMU's single-threaded TCG does:
+guest locked instructions and code patching stay coherent because only one vCPU executes at a
+time. Each vCPU keeps its architectural state in a Unicorn context; the vCPU thread that owns
+the engine loads its context, runs, and leaves it loaded until another vCPU needs the engine.
+
+* Ownership: :class:`_EngineLock` hands the CPU out first-come first-served. A vCPU that has
+  waited a whole time slice asks the running one to stop (``uc_emu_stop``, made race-free by the
+  patch set). :meth:`TcgVm.exclusive` takes the same lock for VMM threads that must not race the
+  guest (event-channel bit updates, memory map changes).
+* Exits: trapped port I/O, trapped MSRs, VMCALL/VMMCALL and triple faults leave ``uc_emu_start``
+  with the instruction *not executed*; the ``complete_*`` calls perform its effect. HLT is
+  handled here: the vCPU sleeps until its LAPIC has a deliverable interrupt.
+* Interrupts: a :class:`~pyxen.arch.x86.lapic.Lapic` per vCPU (MMIO at 0xFEE00000). The CPU asks
+  for the vector at delivery time (``irq_ack``); INIT/SIPI start application processors.
+* Untrapped port I/O has no device behind it (reads all-ones, writes dropped), in C.
+
+Threading: as :mod:`pyxen.engine.base`. ``inject_msi``/``kick``/``exclusive`` from any thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
+from typing import Iterator
+
+from pyxen.arch.x86 import lapic as L
+from pyxen.cpustate import Regs, SRegs
+from pyxen.engine.base import CpuidEntry, Engine, EngineVcpu, EngineVm, Exit, ExitKind
+from pyxen.errors import EngineError, EngineUnavailable
+from pyxen.tcg import bindings as B
+
+log = logging.getLogger("pyxen.tcg")
+
+LAPIC_BASE = 0xFEE00000
+SLICE_S = 0.004               # how long a runnable vCPU waits before preempting the running one
+_IA32_TSC = 0x10
+_IA32_APIC_BASE = 0x1B
+
+# CPUID bits QEMU 5.0's TCG cannot execute (the default Haswell model advertises them).
+_L1_ECX_DROP = ((1 << 12) | (1 << 28) | (1 << 29) | (1 << 27) | (1 << 26) | (1 << 21)
+                | (1 << 24) | (1 << 3) | (1 << 5) | (1 << 18) | (1 << 25))
+# leaf 1 ECX: FMA(12) AVX(28) F16C(29) OSXSAVE(27) XSAVE(26) x2APIC(21) TSC-deadline(24)
+# MONITOR(3) VMX(5) DCA(18) AES(25)
+_L7_EBX_DROP = (1 << 5) | (1 << 4) | (1 << 11) | (1 << 14) | (1 << 16) | (1 << 2)
+# leaf 7 EBX: AVX2(5) HLE(4) RTM(11) MPX(14) AVX512F(16) SGX(2)
+
+
+def _tsc_khz() -> int:
+    """Host TSC frequency, measured once per process against CLOCK_MONOTONIC."""
+    global _TSC_KHZ
+    if _TSC_KHZ is None:
+        from pyxen.core.clock import rdtsc
+        t0, c0 = time.monotonic_ns(), rdtsc()
+        time.sleep(0.05)
+        t1, c1 = time.monotonic_ns(), rdtsc()
+        _TSC_KHZ = round((c1 - c0) * 1_000_000 / (t1 - t0))
+    return _TSC_KHZ
+
+
+_TSC_KHZ: int | None = None
+
+
+class TcgEngine(Engine):
+    """Unicorn with pyxen's sysvm patches. Raises EngineUnavailable when it is not built."""
+
+    name = "tcg"
+    max_hypercall_sites = 1 << 30       # every VMCALL/VMMCALL traps; sites are not needed
+
+    def __init__(self) -> None:
+        self.lib = B.load()
+        self._cpuid: list[CpuidEntry] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            B.load()
+            return True
+        except EngineUnavailable:
+            return False
+
+    def create_vm(self) -> TcgVm:
+        return TcgVm(self)
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """The emulated CPU model's CPUID, minus what TCG cannot execute."""
+        if self._cpuid is None:
+            vm = TcgVm(self)
+            try:
+                self._cpuid = vm.native_cpuid()
+            finally:
+                vm.close()
+        return list(self._cpuid)
+
+
+class _EngineLock:
+    """FIFO ownership of the single CPU; a waiter preempts the owner after one slice."""
+
+    def __init__(self, preempt) -> None:  # type: ignore[no-untyped-def]
+        self._cv = threading.Condition()
+        self._owner: object | None = None
+        self._queue: deque[object] = deque()
+        self._preempt = preempt
+
+    def acquire(self, who: object, urgent: bool = False) -> None:
+        """Take the CPU. ``urgent`` (VMM work) stops the running vCPU at once."""
+        with self._cv:
+            if self._owner is None and not self._queue:
+                self._owner = who
+                return
+            if urgent:
+                self._queue.appendleft(who)
+                self._preempt()
+            else:
+                self._queue.append(who)
+            while not (self._owner is None and self._queue[0] is who):
+                if not self._cv.wait(SLICE_S):
+                    self._preempt()
+            self._queue.popleft()
+            self._owner = who
+
+    def release(self) -> None:
+        with self._cv:
+            self._owner = None
+            self._cv.notify_all()
+
+    @property
+    def contended(self) -> bool:
+        return bool(self._queue)
+
+
+class TcgVm(EngineVm):
+    """One VM: the Unicorn instance, guest memory mappings, LAPICs and the CPU scheduler."""
+
+    def __init__(self, engine: TcgEngine) -> None:
+        self.engine = engine
+        lib = self.lib = engine.lib
+        h = ctypes.c_void_p()
+        B.check(lib, lib.uc_open(B.UC_ARCH_X86, B.UC_MODE_64, ctypes.byref(h)), "uc_open")
+        self.uc = h
+        self._ack_cb = B.IRQ_ACK(self._irq_ack)
+        B.check(lib, lib.uc_sysvm_enable(h, self._ack_cb, None), "uc_sysvm_enable")
+        self.exit = lib.uc_sysvm_exit_record(h).contents
+        self._io_bitmap = (ctypes.c_uint8 * 8192)()
+        lib.uc_sysvm_set_io_bitmap(h, self._io_bitmap)
+        self._slots: dict[int, tuple[int, int, int]] = {}     # slot -> (gpa, size, host)
+        self._next_slot = 0
+        self.vcpus: list[TcgVcpu] = []
+        self.current: TcgVcpu | None = None        # whose context is in the CPU
+        self.running: TcgVcpu | None = None        # inside uc_emu_start
+        self.lock = _EngineLock(self._preempt)
+        self.apic_lock = threading.RLock()          # LAPIC models and wake-ups
+        self._mmio_read = B.MMIO_READ(self._lapic_read)
+        self._mmio_write = B.MMIO_WRITE(self._lapic_write)
+        B.check(lib, lib.uc_mmio_map(h, LAPIC_BASE, L.PAGE_SIZE, self._mmio_read, None,
+                                     self._mmio_write, None), "mapping the LAPIC")
+        self._reset_ctx = ctypes.c_void_p()
+        B.check(lib, lib.uc_context_alloc(h, ctypes.byref(self._reset_ctx)), "context alloc")
+        B.check(lib, lib.uc_context_save(h, self._reset_ctx), "context save")
+        self._closed = False
+
+    # ------------------------------------------------------------------ capabilities
+    def native_cpuid(self) -> list[CpuidEntry]:
+        out = (ctypes.c_uint32 * 4)()
+
+        def q(fn: int, idx: int = 0) -> tuple[int, int, int, int]:
+            self.lib.uc_sysvm_native_cpuid(self.uc, fn, idx, out)
+            return out[0], out[1], out[2], out[3]
+
+        entries: list[CpuidEntry] = []
+        max_basic = q(0)[0]
+        for fn in range(0, max_basic + 1):
+            if fn in (4, 7, 0xB, 0xD, 0x1F):
+                for idx in range(0, 8):
+                    a, b, c, d = q(fn, idx)
+                    entries.append(CpuidEntry(fn, idx, a, b, c, d, True))
+                continue
+            a, b, c, d = q(fn)
+            if fn == 1:
+                c &= ~_L1_ECX_DROP
+            entries.append(CpuidEntry(fn, 0, a, b, c, d))
+        max_ext = q(0x80000000)[0]
+        for fn in range(0x80000000, min(max_ext, 0x80000020) + 1):
+            a, b, c, d = q(fn)
+            entries.append(CpuidEntry(fn, 0, a, b, c, d))
+        fixed = []
+        for e in entries:
+            if e.function == 7 and e.index == 0:
+                e = CpuidEntry(7, 0, e.eax, e.ebx & ~_L7_EBX_DROP, e.ecx & ~(1 << 2), 0, True)
+            if e.function == 0xD:
+                e = CpuidEntry(0xD, e.index, 0, 0, 0, 0, True)   # no XSAVE
+            fixed.append(e)
+        return fixed
+
+    # ------------------------------------------------------------------ memory
+    def map_memory(self, gpa: int, size: int, host_addr: int, *, log_dirty: bool = False) -> int:
+        with self.exclusive():
+            B.check(self.lib, self.lib.uc_mem_map_ptr(self.uc, gpa, size, B.UC_PROT_ALL,
+                                                      host_addr),
+                    f"mapping 0x{gpa:x}+0x{size:x}")
+        slot = self._next_slot
+        self._next_slot += 1
+        self._slots[slot] = (gpa, size, host_addr)
+        return slot
+
+    def unmap_memory(self, slot: int) -> None:
+        gpa, size, _host = self._slots.pop(slot)
+        with self.exclusive():
+            B.check(self.lib, self.lib.uc_mem_unmap(self.uc, gpa, size), "unmap")
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """TCG keeps no dirty log yet: every page is reported dirty (always correct)."""
+        _gpa, size, _host = self._slots[slot]
+        pages = size >> 12
+        return b"\xff" * ((pages + 7) // 8)
+
+    def read_physical(self, gpa: int, n: int) -> bytes | None:
+        """``n`` bytes of guest RAM at ``gpa`` (within one mapping), or None."""
+        for base, size, host in self._slots.values():
+            if base <= gpa and gpa + n <= base + size:
+                return ctypes.string_at(host + gpa - base, n)
+        return None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the CPU: no guest instruction executes inside the block (any thread)."""
+        me = threading.current_thread()
+        if getattr(self, "_exclusive_owner", None) is me:
+            yield
+            return
+        self.lock.acquire(me, urgent=True)
+        self._exclusive_owner = me
+        try:
+            yield
+        finally:
+            self._exclusive_owner = None
+            self.lock.release()
+
+    def _preempt(self) -> None:
+        self.lib.uc_emu_stop(self.uc)
+
+    # ------------------------------------------------------------------ vCPUs and interrupts
+    def create_vcpu(self, index: int) -> TcgVcpu:
+        v = TcgVcpu(self, index)
+        self.vcpus.append(v)
+        return v
+
+    def _by_apic(self, apic_id: int) -> TcgVcpu | None:
+        for v in self.vcpus:
+            if v.lapic.read(L.REG_ID, 0) >> 24 == apic_id:
+                return v
+        return None
+
+    def inject_msi(self, apic_id: int, vector: int) -> None:
+        with self.apic_lock:
+            v = self._by_apic(apic_id)
+            if v is not None and v.lapic.accept_fixed(vector):
+                self._signal(v)
+
+    def _signal(self, v: TcgVcpu) -> None:
+        """``v``'s LAPIC may have a deliverable interrupt (apic_lock held)."""
+        if v.lapic.deliverable() is None:
+            return
+        if self.running is v:
+            self.lib.uc_sysvm_poll_irq(self.uc)
+        with v.cv:
+            v.cv.notify_all()
+
+    def _irq_ack(self, _uc: int, _opaque: int) -> int:
+        """The CPU takes an external interrupt now (vCPU thread, inside uc_emu_start)."""
+        v = self.running
+        if v is None:
+            return -1
+        with self.apic_lock:
+            vec = v.lapic.ack()
+            return -1 if vec is None else vec
+
+    def _lapic_read(self, _uc: int, offset: int, size: int, _u: int) -> int:
+        v = self.running
+        if v is None:
+            return 0
+        with self.apic_lock:
+            return v.lapic.read(offset, time.monotonic_ns(), size=size)
+
+    def _lapic_write(self, _uc: int, offset: int, size: int, value: int, _u: int) -> None:
+        v = self.running
+        if v is None:
+            return
+        with self.apic_lock:
+            ipis = v.lapic.write(offset, value, time.monotonic_ns(), size=size)
+            for ipi in ipis:
+                self._route_ipi(v, ipi)
+            if v.lapic.deliverable() is not None:
+                self.lib.uc_sysvm_poll_irq(self.uc)
+
+    def _route_ipi(self, src: TcgVcpu, ipi: L.Ipi) -> None:
+        if ipi.is_init_deassert:
+            return
+        if ipi.shorthand == 1:
+            targets = [src]
+        elif ipi.shorthand == 2:
+            targets = list(self.vcpus)
+        elif ipi.shorthand == 3:
+            targets = [v for v in self.vcpus if v is not src]
+        else:
+            targets = [v for v in self.vcpus if v.lapic.matches(ipi.dest_mode, ipi.dest)]
+        mode = ipi.delivery_mode
+        if mode == 1 and targets:             # lowest priority: the first match will do
+            targets = targets[:1]
+        for t in targets:
+            if mode in (0, 1):
+                if t.lapic.accept_fixed(ipi.vector, bool(ipi.trigger)):
+                    self._signal(t)
+            elif mode == 5:
+                t.lapic.receive_init()
+                t.init_pending = True
+                with t.cv:
+                    t.cv.notify_all()
+            elif mode == 6:
+                vec = t.lapic.receive_sipi(ipi.vector)
+                if vec is not None:
+                    t.sipi_vector = vec
+                    with t.cv:
+                        t.cv.notify_all()
+            else:
+                log.info("tcg: IPI delivery mode %d to APIC %d not supported; dropped", mode,
+                         t.apic_id)
+
+    def set_hypercall_sites(self, linear_addresses: list[int]) -> None:
+        """Every VMCALL/VMMCALL traps on this engine; nothing to do."""
+
+    def set_trapped_msrs(self, msrs: list[int]) -> None:
+        arr = (ctypes.c_uint32 * len(msrs))(*msrs)
+        B.check(self.lib, self.lib.uc_sysvm_set_msr_traps(self.uc, arr, len(msrs)),
+                "MSR traps")
+
+    def set_trapped_ports(self, ports: list[int]) -> None:
+        for i in range(len(self._io_bitmap)):
+            self._io_bitmap[i] = 0
+        for p in ports:
+            self._io_bitmap[p >> 3] |= 1 << (p & 7)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for v in self.vcpus:
+            v.close()
+        self.lib.uc_context_free(self._reset_ctx)
+        self.lib.uc_close(self.uc)
+
+
+class TcgVcpu(EngineVcpu):
+    """One vCPU: a saved CPU context, a LAPIC, a CPUID table and the pending-exit bookkeeping."""
+
+    def __init__(self, vm: TcgVm, index: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.apic_id = 2 * index
+        lib = vm.lib
+        self.ctx = ctypes.c_void_p()
+        B.check(lib, lib.uc_context_alloc(vm.uc, ctypes.byref(self.ctx)), "context alloc")
+        self._saved = False
+        self.lapic = L.Lapic(self.apic_id, state=L.STATE_RUNNING if index == 0
+                             else L.STATE_WAIT_FOR_SIPI)
+        self.cv = threading.Condition(vm.apic_lock)
+        self._cpuid = (B.SysvmCpuid * 0)()
+        self._kicked = False
+        self.halted = False
+        self.halt_if = True
+        self.init_pending = False
+        self.sipi_vector: int | None = None
+        self._pending: Exit | None = None       # the exit whose completion is due
+        self._skip = 0                          # bytes to step over at next entry (OUT)
+        self._msrs: dict[int, int] = {}
+        # a new vCPU starts from the engine's reset state
+        with vm.exclusive():
+            lib.uc_context_restore(vm.uc, vm._reset_ctx)
+            lib.uc_context_save(vm.uc, self.ctx)
+            if vm.current is not None:
+                lib.uc_context_restore(vm.uc, vm.current.ctx)
+                lib.uc_ctl(vm.uc, B.CTL_FLUSH_TLB)
+
+    # --- state access (the vCPU's own thread; the engine lock makes the context current)
+    @contextlib.contextmanager
+    def _loaded(self) -> Iterator[None]:
+        with self.vm.exclusive():
+            self._load()
+            yield
+
+    def _load(self) -> None:
+        vm = self.vm
+        if vm.current is self:
+            return
+        lib = vm.lib
+        if vm.current is not None:
+            lib.uc_context_save(vm.uc, vm.current.ctx)
+        lib.uc_context_restore(vm.uc, self.ctx)
+        lib.uc_ctl(vm.uc, B.CTL_FLUSH_TLB)
+        lib.uc_sysvm_set_cpuid(vm.uc, self._cpuid, len(self._cpuid))
+        vm.current = self
+
+    def get_regs(self) -> Regs:
+        r = Regs()
+        with self._loaded():
+            self.vm.lib.uc_sysvm_get_regs(self.vm.uc, ctypes.byref(r))
+        return r
+
+    def set_regs(self, regs: Regs) -> None:
+        with self._loaded():
+            self.vm.lib.uc_sysvm_set_regs(self.vm.uc, ctypes.byref(regs))
+
+    def get_sregs(self) -> SRegs:
+        s = SRegs()
+        with self._loaded():
+            self.vm.lib.uc_sysvm_get_sregs(self.vm.uc, ctypes.byref(s))
+        s.apic_base = LAPIC_BASE | (1 << 11) | ((1 << 8) if self.index == 0 else 0)
+        return s
+
+    def set_sregs(self, sregs: SRegs) -> None:
+        with self._loaded():
+            self.vm.lib.uc_sysvm_set_sregs(self.vm.uc, ctypes.byref(sregs))
+
+    def get_msr(self, index: int) -> int:
+        if index == _IA32_TSC:
+            return self.get_tsc()
+        return self._msrs.get(index, 0)
+
+    def set_msr(self, index: int, value: int) -> None:
+        self._msrs[index] = value
+
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
+        t = (B.SysvmCpuid * len(entries))()
+        for i, e in enumerate(entries):
+            t[i] = B.SysvmCpuid(e.function, e.index, 1 if e.significant_index else 0,
+                                e.eax, e.ebx, e.ecx, e.edx, 0)
+        self._cpuid = t
+        with self._loaded():
+            self.vm.lib.uc_sysvm_set_cpuid(self.vm.uc, t, len(t))
+
+    def get_tsc(self) -> int:
+        from pyxen.core.clock import rdtsc
+        return rdtsc()
+
+    def tsc_khz(self) -> int:
+        return _tsc_khz()
+
+    # --- running
+    def run(self) -> Exit:
+        vm = self.vm
+        lib = vm.lib
+        while True:
+            action = None
+            with vm.apic_lock:
+                if self._kicked:
+                    self._kicked = False
+                    return Exit(ExitKind.INTERRUPTED)
+                if self.init_pending:
+                    self.init_pending = False
+                    self.halted = False
+                    action = ("init", 0)
+                elif self.sipi_vector is not None:
+                    vec, self.sipi_vector = self.sipi_vector, None
+                    self.halted = False
+                    action = ("sipi", vec)
+                elif self.lapic.state == L.STATE_WAIT_FOR_SIPI:
+                    self.cv.wait()
+                    continue
+                elif self.halted:
+                    if not (self.halt_if and self.lapic.deliverable() is not None):
+                        self.cv.wait(self._halt_timeout())
+                        self._check_lapic_timer()
+                        continue
+                    self.halted = False
+            if action is not None:       # engine lock is taken without apic_lock held
+                if action[0] == "init":
+                    self._reset_cpu()
+                else:
+                    self._start_at_sipi(action[1])
+                continue
+            ex = self._run_once()
+            if ex is not None:
+                return ex
+
+    def _halt_timeout(self) -> float | None:
+        d = self.lapic.timer_deadline()
+        if d is None:
+            return None
+        return max(0.0, (d - time.monotonic_ns()) / 1e9)
+
+    def _check_lapic_timer(self) -> None:
+        d = self.lapic.timer_deadline()
+        if d is not None and time.monotonic_ns() >= d:
+            self.lapic.timer_expired(time.monotonic_ns())
+
+    def _run_once(self) -> Exit | None:
+        vm = self.vm
+        lib = vm.lib
+        vm.lock.acquire(self)
+        try:
+            self._load()
+            if self._skip:
+                r = Regs()
+                lib.uc_sysvm_get_regs(vm.uc, ctypes.byref(r))
+                r.rip += self._skip
+                self._skip = 0
+                lib.uc_sysvm_set_regs(vm.uc, ctypes.byref(r))
+            with vm.apic_lock:
+                self._check_lapic_timer()
+                lib.uc_sysvm_clear_irq(vm.uc)
+                if self.lapic.deliverable() is not None:
+                    lib.uc_sysvm_poll_irq(vm.uc)
+                vm.running = self
+            r = Regs()
+            lib.uc_sysvm_get_regs(vm.uc, ctypes.byref(r))
+            err = lib.uc_emu_start(vm.uc, r.rip, 0, 0, 0)
+            with vm.apic_lock:
+                vm.running = None
+            e = vm.exit
+            kind = e.kind
+            if err != B.UC_ERR_OK and kind == B.EXIT_NONE:
+                lib.uc_sysvm_get_regs(vm.uc, ctypes.byref(r))
+                return Exit(ExitKind.FAILED, reason=f"{lib.uc_strerror(err).decode()} "
+                            f"(rip 0x{r.rip:x})")
+            if kind == B.EXIT_NONE:
+                return None                       # stopped: kick, preemption or exclusive()
+            if kind == B.EXIT_HALT:
+                lib.uc_sysvm_get_regs(vm.uc, ctypes.byref(r))
+                self.halt_if = bool(r.rflags & 0x200)
+                self.halted = True
+                return None
+            if kind == B.EXIT_IO:
+                data = (e.value & ((1 << (8 * e.size)) - 1)).to_bytes(e.size, "little") \
+                    if e.is_write else b""
+                ex = Exit(ExitKind.IO, port=e.index, size=e.size, is_write=bool(e.is_write),
+                          data=data)
+                if e.is_write and e.index == Engine.HYPERCALL_PORT and e.size == 4:
+                    ex = Exit(ExitKind.HYPERCALL, via="page")
+                ex_len = self._io_insn_len()
+                if ex_len is None:
+                    return Exit(ExitKind.FAILED, reason=f"unsupported I/O instruction at "
+                                f"rip 0x{r.rip:x} (port 0x{e.index:x})")
+                self._insn_len = ex_len
+                if e.is_write and ex.kind is ExitKind.IO:
+                    self._skip = ex_len           # performed; step over it at next entry
+                self._pending = ex
+                return ex
+            if kind in (B.EXIT_MSR_READ, B.EXIT_MSR_WRITE):
+                is_w = kind == B.EXIT_MSR_WRITE
+                ex = Exit(ExitKind.MSR_WRITE if is_w else ExitKind.MSR_READ, msr=e.index,
+                          value=e.value if is_w else 0)
+                self._insn_len = 2
+                self._pending = ex
+                return ex
+            if kind == B.EXIT_HYPERCALL:
+                self._insn_len = 3
+                ex = Exit(ExitKind.HYPERCALL, via="insn")
+                self._pending = ex
+                return ex
+            if kind == B.EXIT_SHUTDOWN:
+                return Exit(ExitKind.SHUTDOWN, reason="triple fault")
+            return Exit(ExitKind.FAILED, reason=f"unknown engine exit {kind}")
+        finally:
+            vm.lock.release()
+
+    def _io_insn_len(self) -> int | None:
+        """Length of the IN/OUT at RIP (prefixes + opcode [+ imm8]); None for string I/O."""
+        r = Regs()
+        s = SRegs()
+        lib = self.vm.lib
+        lib.uc_sysvm_get_regs(self.vm.uc, ctypes.byref(r))
+        lib.uc_sysvm_get_sregs(self.vm.uc, ctypes.byref(s))
+        code = self._read_code(s, (r.rip + s.cs.base) & 0xFFFFFFFFFFFFFFFF, 15)
+        n = 0
+        while n < len(code) and (code[n] in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26,
+                                             0x64, 0x65) or 0x40 <= code[n] <= 0x4F):
+            n += 1
+        if n >= len(code):
+            return None
+        op = code[n]
+        if op in (0xE4, 0xE5, 0xE6, 0xE7):
+            return n + 2
+        if op in (0xEC, 0xED, 0xEE, 0xEF):
+            return n + 1
+        return None
+
+    def _read_code(self, s: SRegs, linear: int, n: int) -> bytes:
+        """Up to ``n`` instruction bytes at ``linear`` (stops at an unmapped byte)."""
+        from pyxen.arch.x86.paging import PageFault, translate
+        vm = self.vm
+
+        def read_u64(gpa: int) -> int:
+            b = vm.read_physical(gpa, 8)
+            if b is None:
+                raise PageFault(f"page table at 0x{gpa:x} outside memory")
+            return int.from_bytes(b, "little")
+        out = bytearray()
+        for i in range(n):
+            try:
+                gpa = translate(read_u64, s.cr0, s.cr3, s.cr4, s.efer, linear + i)
+            except PageFault:
+                break
+            b = vm.read_physical(gpa, 1)
+            if b is None:
+                break
+            out += b
+        return bytes(out)
+
+    # --- completions
+    def _complete(self, fn) -> None:  # type: ignore[no-untyped-def]
+        if self._pending is None:
+            raise EngineError("tcg: completion without a pending exit")
+        self._pending = None
+        with self._loaded():
+            lib = self.vm.lib
+            r = Regs()
+            lib.uc_sysvm_get_regs(self.vm.uc, ctypes.byref(r))
+            if fn(r) is not False:
+                r.rip += self._insn_len
+            lib.uc_sysvm_set_regs(self.vm.uc, ctypes.byref(r))
+
+    def complete_hypercall(self, result: int) -> None:
+        self._skip = 0
+
+        def f(r: Regs) -> None:
+            r.rax = result & 0xFFFFFFFFFFFFFFFF
+        self._complete(f)
+
+    def complete_io_read(self, data: bytes) -> None:
+        def f(r: Regs) -> None:
+            v = int.from_bytes(data, "little")
+            if len(data) == 4:
+                r.rax = v
+            elif len(data) == 2:
+                r.rax = (r.rax & ~0xFFFF) | v
+            else:
+                r.rax = (r.rax & ~0xFF) | (v & 0xFF)
+        self._complete(f)
+
+    def complete_mmio_read(self, data: bytes) -> None:
+        raise EngineError("tcg: the software engine completes MMIO itself")
+
+    def complete_msr_read(self, value: int, fault: bool = False) -> None:
+        def f(r: Regs) -> bool:
+            if fault:
+                self.vm.lib.uc_sysvm_inject_exception(self.vm.uc, 13, 1, 0)
+                return False
+            r.rax = value & 0xFFFFFFFF
+            r.rdx = (value >> 32) & 0xFFFFFFFF
+            return True
+        self._complete(f)
+
+    def complete_msr_write(self, fault: bool = False) -> None:
+        def f(_r: Regs) -> bool:
+            if fault:
+                self.vm.lib.uc_sysvm_inject_exception(self.vm.uc, 13, 1, 0)
+                return False
+            return True
+        self._complete(f)
+
+    # --- INIT/SIPI
+    def _reset_cpu(self) -> None:
+        """INIT: back to the reset state, waiting for SIPI (vCPU thread, no locks held)."""
+        vm = self.vm
+        with vm.exclusive():
+            if vm.current is self:
+                vm.current = None
+            vm.lib.uc_context_restore(vm.uc, vm._reset_ctx)
+            vm.lib.uc_context_save(vm.uc, self.ctx)
+            vm.current = None
+            self._pending = None
+            self._skip = 0
+
+    def _start_at_sipi(self, vector: int) -> None:
+        """SIPI: real mode at CS = vector << 8, IP = 0 (Intel SDM 8.4.4.1)."""
+        from pyxen.arch.x86.cpu import real_mode_state
+        s = self.get_sregs()
+        regs = real_mode_state(s, vector)
+        self.set_sregs(s)
+        self.set_regs(regs)
+
+    def make_runnable(self) -> None:
+        with self.vm.apic_lock:
+            self.lapic.state = L.STATE_RUNNING
+            self.sipi_vector = None
+            self.halted = False
+
+    def kick(self) -> None:
+        vm = self.vm
+        with vm.apic_lock:
+            self._kicked = True
+            if vm.running is self:
+                vm.lib.uc_emu_stop(vm.uc)
+            self.cv.notify_all()
+
+    def close(self) -> None:
+        if self.ctx:
+            self.vm.lib.uc_context_free(self.ctx)
+            self.ctx = ctypes.c_void_p()
