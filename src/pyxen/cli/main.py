@@ -6,6 +6,10 @@ Subcommands so far:
   PASS/FAIL table, exit 0 when all pass ("can this host run pyxen?").
 * ``pyxen boot KERNEL [--initrd F] [--cmdline S] [--memory MiB] [--vcpus N] [--accel A]`` —
   boot a PVH kernel, stream its consoles, exit with a status derived from its shutdown reason.
+* ``pyxen run [--vcpus N] [--memory MiB] [--kernel K --initrd I] [--accel A] [-- COMMAND...]`` —
+  boot a throwaway domain from the default Debian image, run COMMAND in its shell, exit with
+  COMMAND's status; without a command, an interactive shell on hvc0 (Ctrl-] ends it).
+* ``pyxen image [--refresh]`` — fetch Debian's cloud kernel and busybox and build the image.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from pyxen.errors import PyxenError
+from pyxen.errors import ConfigError, PyxenError
 
 EXIT_BY_REASON = {"poweroff": 0, "reboot": 2, "suspend": 3, "crash": 4, "watchdog": 5,
                   "soft_reset": 6, "timeout": 124}
@@ -81,6 +85,42 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return EXIT_BY_REASON.get(reason, 1)
 
 
+def _progress(msg: str) -> None:
+    print(f"pyxen: {msg}", file=sys.stderr)
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from pyxen.image.build import ensure_image
+    img = ensure_image(progress=_progress, refresh=args.refresh)
+    print(f"kernel   {img.kernel}\ninitrd   {img.initramfs}\nrelease  {img.release}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pyxen.vmm.run import RunOptions, raw_terminal, run
+
+    command = " ".join(args.argv) if args.argv else None
+    if bool(args.kernel) != bool(args.initrd) and args.initrd:
+        raise ConfigError("--initrd needs --kernel", "initrd")
+    opts = RunOptions(command=command, vcpus=args.vcpus, memory=args.memory,
+                      kernel=args.kernel, initrd=args.initrd, accel=args.accel,
+                      cmdline=args.cmdline, timeout=args.timeout)
+    out = sys.stdout.buffer
+    if command is None:
+        print("pyxen: interactive shell on hvc0; Ctrl-] ends the session", file=sys.stderr)
+        with raw_terminal(sys.stdin.fileno()):
+            r = run(opts, out, _progress, stdin_fd=sys.stdin.fileno())
+        return 0
+    r = run(opts, out, _progress)
+    if r.status is not None:
+        return r.status
+    why = f"the domain shut down ({r.reason}{': ' + r.detail if r.detail else ''})"
+    tail = "\n".join(r.console_tail.splitlines()[-15:])
+    print(f"pyxen: the command did not complete: {why}\n--- console tail ---\n{tail}",
+          file=sys.stderr)
+    return 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyxen", description="Xen, rebuilt in Python on KVM")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more")
@@ -102,11 +142,32 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default="domU")
     b.add_argument("--timeout", type=float, default=None, help="seconds")
     b.set_defaults(func=cmd_boot)
+
+    r = sub.add_parser("run", help="run a command in a throwaway Linux domain",
+                       description="Boot Debian's cloud kernel as a PVH domain, run COMMAND "
+                       "(after --) in its shell and exit with its status. Without a command, "
+                       "attach an interactive shell on hvc0 (Ctrl-] ends it).")
+    r.add_argument("--vcpus", type=int, default=1)
+    r.add_argument("--memory", type=int, default=256, help="MiB (default 256)")
+    r.add_argument("--kernel", help="a PVH kernel instead of the default image's")
+    r.add_argument("--initrd", help="an initramfs to use with --kernel")
+    r.add_argument("--accel", default="auto", choices=["kvm", "tcg", "auto"])
+    r.add_argument("--cmdline", default="", help="extra kernel command line")
+    r.add_argument("--timeout", type=float, default=None, help="seconds")
+    r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="the command to run in the guest's shell")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("image", help="fetch and build the default guest image")
+    i.add_argument("--refresh", action="store_true", help="check Debian for a newer kernel")
+    i.set_defaults(func=cmd_image)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "argv", None) and args.argv[0] == "--":
+        args.argv = args.argv[1:]
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -75,6 +75,7 @@ class TcgEngine(Engine):
     def __init__(self) -> None:
         self.lib = B.load()
         self._cpuid: list[CpuidEntry] | None = None
+        _tsc_khz()                               # measure once, up front
 
     @staticmethod
     def available() -> bool:
@@ -241,6 +242,12 @@ class TcgVm(EngineVm):
             self._exclusive_owner = None
             self.lock.release()
 
+    def evict(self) -> None:
+        """Save the loaded vCPU's state into its context; the CPU is then free (lock held)."""
+        if self.current is not None:
+            self.lib.uc_context_save(self.uc, self.current.ctx)
+            self.current = None
+
     def _preempt(self) -> None:
         self.lib.uc_emu_stop(self.uc)
 
@@ -317,6 +324,9 @@ class TcgVm(EngineVm):
                 if t.lapic.accept_fixed(ipi.vector, bool(ipi.trigger)):
                     self._signal(t)
             elif mode == 5:
+                if not t.started:        # Xen: nothing to do for a vCPU still in reset
+                    continue
+                t.started = False
                 t.lapic.receive_init()
                 t.init_pending = True
                 with t.cv:
@@ -324,6 +334,7 @@ class TcgVm(EngineVm):
             elif mode == 6:
                 vec = t.lapic.receive_sipi(ipi.vector)
                 if vec is not None:
+                    t.started = True
                     t.sipi_vector = vec
                     with t.cv:
                         t.cv.notify_all()
@@ -373,6 +384,7 @@ class TcgVcpu(EngineVcpu):
         self._kicked = False
         self.halted = False
         self.halt_if = True
+        self.started = index == 0               # has run since its last reset (INIT is a no-op before)
         self.init_pending = False
         self.sipi_vector: int | None = None
         self._pending: Exit | None = None       # the exit whose completion is due
@@ -380,11 +392,9 @@ class TcgVcpu(EngineVcpu):
         self._msrs: dict[int, int] = {}
         # a new vCPU starts from the engine's reset state
         with vm.exclusive():
+            vm.evict()
             lib.uc_context_restore(vm.uc, vm._reset_ctx)
             lib.uc_context_save(vm.uc, self.ctx)
-            if vm.current is not None:
-                lib.uc_context_restore(vm.uc, vm.current.ctx)
-                lib.uc_ctl(vm.uc, B.CTL_FLUSH_TLB)
 
     # --- state access (the vCPU's own thread; the engine lock makes the context current)
     @contextlib.contextmanager
@@ -398,8 +408,7 @@ class TcgVcpu(EngineVcpu):
         if vm.current is self:
             return
         lib = vm.lib
-        if vm.current is not None:
-            lib.uc_context_save(vm.uc, vm.current.ctx)
+        vm.evict()
         lib.uc_context_restore(vm.uc, self.ctx)
         lib.uc_ctl(vm.uc, B.CTL_FLUSH_TLB)
         lib.uc_sysvm_set_cpuid(vm.uc, self._cpuid, len(self._cpuid))
@@ -669,10 +678,10 @@ class TcgVcpu(EngineVcpu):
         vm = self.vm
         with vm.exclusive():
             if vm.current is self:
-                vm.current = None
+                vm.current = None            # its state is being replaced, not kept
+            vm.evict()
             vm.lib.uc_context_restore(vm.uc, vm._reset_ctx)
             vm.lib.uc_context_save(vm.uc, self.ctx)
-            vm.current = None
             self._pending = None
             self._skip = 0
 
@@ -687,6 +696,7 @@ class TcgVcpu(EngineVcpu):
     def make_runnable(self) -> None:
         with self.vm.apic_lock:
             self.lapic.state = L.STATE_RUNNING
+            self.started = True
             self.sipi_vector = None
             self.halted = False
 

@@ -78,6 +78,7 @@ run)
         sh -c "$(cat /pyxen/cmd)"; s=$?; stty -onlcr 2>/dev/null; exit $s'
     status=$?
     reopen
+    stty -onlcr 2>/dev/null   # the hangup reset hvc0's termios: no \r before the marker
     printf '\n@@pyxen-exit %s %d@@\n' "$nonce" "$status"
     finish
     ;;

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +28,7 @@ from pyxen.engine.base import Engine
 from pyxen.errors import ConfigError, EngineUnavailable, KernelImageError
 from pyxen.xen.abi import xen as X
 from pyxen.xen.domain import XEN_VERSION, ConsoleSink, XenDomain
+from pyxen.xenstore import XenstoreRing, XenstoreServer, populate_domain
 
 log = logging.getLogger("pyxen.vmm")
 
@@ -45,6 +47,8 @@ class DomainConfig:
     modules: list[tuple[str, str]] = field(default_factory=list)   # (path, cmdline)
     accel: str = "auto"
     domid: int = 1
+    #: a shared xenstore server (the toolstack's); None: a private one for this domain
+    xenstore: XenstoreServer | None = None
 
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -187,7 +191,8 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
     bsp.ev.set_sregs(sregs)
     bsp.ev.set_regs(regs)
     bsp.initialised = True
-    clock.anchor(bsp.ev.get_tsc(), bsp.ev.tsc_khz())
+    khz = bsp.ev.tsc_khz()                  # first: it may take time to measure
+    clock.anchor(bsp.ev.get_tsc(), khz)     # guest TSC read just before anchoring
     xd.publish_time()
 
     # xenstore and console pages + ports (store first, then console, as libxl does)
@@ -203,6 +208,17 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
                              lambda data: sink.emit("console", data))
     ev.bind_backend(console_port, console.notified)
 
+    # xenstore: the standard domU tree and the guest's ring (served in this process until a
+    # shared xenstored exists; the server is the same sans-IO core)
+    xs = cfg.xenstore or XenstoreServer()
+    populate_domain(xs, cfg.domid, cfg.name, memory_kib=cfg.memory * 1024, vcpus=cfg.vcpus,
+                    vm_uuid=str(uuid.uuid4()), store_port=store_port,
+                    store_ring_ref=layout.XENSTORE_PFN, console_port=console_port,
+                    console_ring_ref=layout.CONSOLE_PFN)
+    store = XenstoreRing(mem.view(layout.XENSTORE_PFN << 12, 4096),
+                         lambda: ev.set_pending(store_port), xs.connect(cfg.domid))
+    ev.bind_backend(store_port, store.notified)
+
     # port I/O: debug console, ACPI sleep control (power off), reset register
     xd.io_write_handlers[0xE9] = lambda v, p, d: sink.emit("debug", d)
     xd.io_read_handlers[0xE9] = lambda v, p, n: b"\xe9" * n     # Bochs/QEMU port-E9 hack
@@ -212,7 +228,9 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
     xd.io_write_handlers[acpi.ACPI_RESET_PORT] = _reset_register(domain)
     vm.set_trapped_ports(sorted({Engine.HYPERCALL_PORT, *xd.io_write_handlers,
                                  *xd.io_read_handlers}))
-    return Vmm(domain, xd, console, (time.monotonic() - t0) * 1000)
+    vmm = Vmm(domain, xd, console, (time.monotonic() - t0) * 1000)
+    vmm.xenstore = xs
+    return vmm
 
 
 def _sleep_control(domain: Domain) -> Callable[[Vcpu, int, bytes], None]:

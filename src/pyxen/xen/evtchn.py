@@ -14,9 +14,11 @@ Errors raise :class:`XenError` with Xen's errno for the same case.
 
 from __future__ import annotations
 
+import contextlib
+
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from pyxen.core import atomics
 from pyxen.xen.abi import xen as X
@@ -58,6 +60,14 @@ class EventChannels:
         self._backend_ports = 0
 
     # --- helpers
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The table lock, always taken inside ``vm.exclusive()`` (one lock order everywhere:
+        engine, then table), because set_pending may run under it and must not race the
+        guest's own locked updates of the same words."""
+        with self.xd.domain.vm.exclusive(), self.lock:
+            yield
+
     @property
     def domid(self) -> int:
         return self.xd.domid
@@ -92,7 +102,7 @@ class EventChannels:
         if self._resolve_dom(dom) != self.domid:
             raise XenError(EPERM if dom < X.DOMID_FIRST_RESERVED else ESRCH,
                            f"alloc_unbound for domain {dom}")
-        with self.lock:
+        with self._locked():
             p = self._alloc()
             self.ports[p] = Port(UNBOUND, 0, self._resolve_dom(remote_dom))
             return p
@@ -103,7 +113,7 @@ class EventChannels:
             # Other domains live in other VMM processes; a domU binds only within itself.
             raise XenError(ESRCH if rdom != BACKEND_DOMID else EPERM,
                            f"bind_interdomain to domain {remote_dom}")
-        with self.lock:
+        with self._locked():
             if not 0 < remote_port < len(self.ports):
                 raise XenError(EINVAL, f"remote port {remote_port}")
             r = self.ports[remote_port]
@@ -123,7 +133,7 @@ class EventChannels:
         if virq not in X.VIRQ_PER_VCPU and vcpu != 0:
             raise XenError(EINVAL, f"global virq {virq} on vcpu {vcpu}")
         self._check_vcpu(vcpu)
-        with self.lock:
+        with self._locked():
             if (vcpu, virq) in self.virqs:
                 raise XenError(EEXIST, f"virq {virq} already bound on vcpu {vcpu}")
             p = self._alloc()
@@ -133,14 +143,14 @@ class EventChannels:
 
     def bind_ipi(self, vcpu: int) -> int:
         self._check_vcpu(vcpu)
-        with self.lock:
+        with self._locked():
             p = self._alloc()
             self.ports[p] = Port(IPI, vcpu)
             return p
 
     def bind_vcpu(self, port: int, vcpu: int) -> None:
         self._check_vcpu(vcpu)
-        with self.lock:
+        with self._locked():
             ch = self._get(port)
             if ch.state == VIRQ and ch.virq in X.VIRQ_PER_VCPU:
                 raise XenError(EINVAL, "per-vcpu virq cannot move")
@@ -149,7 +159,7 @@ class EventChannels:
             ch.notify_vcpu = vcpu     # a global VIRQ stays bound as (0, virq); only delivery moves
 
     def close(self, port: int) -> None:
-        with self.xd.domain.vm.exclusive(), self.lock:
+        with self._locked():
             ch = self._get(port)
             if ch.state == FREE:
                 raise XenError(EINVAL, f"port {port} not in use")
@@ -166,7 +176,7 @@ class EventChannels:
         """Returns (status, vcpu, 8-byte union) as EVTCHNOP_status reports them."""
         if self._resolve_dom(dom) != self.domid:
             raise XenError(ESRCH if dom != BACKEND_DOMID else EPERM, f"status of domain {dom}")
-        with self.lock:
+        with self._locked():
             if not 0 <= port < len(self.ports):
                 raise XenError(EINVAL, f"port {port} out of range")
             ch = self.ports[port]
@@ -181,7 +191,7 @@ class EventChannels:
             return ch.state, ch.notify_vcpu, u
 
     def send(self, port: int) -> None:
-        with self.lock:
+        with self._locked():
             ch = self._get(port)
             if ch.state == INTERDOMAIN:
                 if ch.backend is not None:
@@ -199,7 +209,7 @@ class EventChannels:
         backend(port)                            # outside the lock: backends may raise events
 
     def unmask(self, port: int) -> None:
-        with self.xd.domain.vm.exclusive(), self.lock:
+        with self._locked():
             ch = self._get(port)
             xd = self.xd
             si = xd.shared_info.addr
@@ -208,7 +218,7 @@ class EventChannels:
                 xd.mark_selector(ch.notify_vcpu, port)
 
     def reset(self) -> None:
-        with self.xd.domain.vm.exclusive(), self.lock:
+        with self._locked():
             for p in range(1, len(self.ports)):
                 if self.ports[p].state != FREE and self.ports[p].backend is None:
                     self.close(p)
@@ -219,7 +229,7 @@ class EventChannels:
 
         Inside ``vm.exclusive()``: the guest updates the same words with locked instructions.
         """
-        with self.xd.domain.vm.exclusive(), self.lock:
+        with self._locked():
             if not 0 < port < len(self.ports) or self.ports[port].state == FREE:
                 return
             vcpu = self.ports[port].notify_vcpu
@@ -244,7 +254,7 @@ class EventChannels:
 
         Returns the backend's own port number (as EVTCHNOP_status shows it to the guest).
         """
-        with self.lock:
+        with self._locked():
             ch = self._get(port)
             if ch.state != UNBOUND or ch.remote_dom != BACKEND_DOMID:
                 raise XenError(EINVAL, f"port {port} is not unbound for domain 0")

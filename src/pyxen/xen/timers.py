@@ -31,6 +31,13 @@ class Timers:
         self._thread.start()
 
     def set_singleshot(self, vcpu: int, deadline: int) -> None:
+        """Arm ``vcpu``'s one-shot timer. A deadline already past fires on the caller's thread
+        before this returns, as Xen raises it before the guest resumes."""
+        if deadline <= self.clock.now_ns():
+            with self._cv:
+                self.singleshot.pop(vcpu, None)
+            self.fire(vcpu)
+            return
         with self._cv:
             self.singleshot[vcpu] = deadline
             heapq.heappush(self._heap, (deadline, next(self._seq), "s", vcpu))
