@@ -144,6 +144,11 @@ class TcgVm(EngineVm):
         h = ctypes.c_void_p()
         B.check(lib, lib.uc_open(B.UC_ARCH_X86, B.UC_MODE_64, ctypes.byref(h)), "uc_open")
         self.uc = h
+        # QEMU's own TCG identity (qemu64), not a real part: a software CPU does not
+        # speculate, and a Haswell identity makes Linux route every return through a
+        # mitigation thunk (retbleed/ITS), which costs TCG a branch lookup per return.
+        B.check(lib, lib.uc_ctl(h, ctypes.c_int(B.CTL_SET_CPU_MODEL),
+                                ctypes.c_int(B.UC_CPU_X86_QEMU64)), "CPU model")
         self._ack_cb = B.IRQ_ACK(self._irq_ack)
         B.check(lib, lib.uc_sysvm_enable(h, self._ack_cb, None), "uc_sysvm_enable")
         self.exit = lib.uc_sysvm_exit_record(h).contents
@@ -188,6 +193,8 @@ class TcgVm(EngineVm):
         max_ext = q(0x80000000)[0]
         for fn in range(0x80000000, min(max_ext, 0x80000020) + 1):
             a, b, c, d = q(fn)
+            if fn == 0x80000001:
+                c &= ~(1 << 2)                  # SVM: no nested virtualisation here
             entries.append(CpuidEntry(fn, 0, a, b, c, d))
         fixed = []
         for e in entries:
