@@ -297,3 +297,17 @@ def _applets(busybox: Path) -> list[str]:
     if "bin/sh" not in applets:
         raise ImageError(f"{busybox} --list-full has no bin/sh")
     return applets
+
+
+def elf_kernel(image: Image) -> Path:
+    """The image's kernel as a plain ELF ``vmlinux`` (extracted once from the bzImage and kept
+    next to it): loading it skips decompressing ~14 MB on every boot."""
+    from pyxen.arch.x86.bzimage import extract_elf
+    out = image.directory / "vmlinux"
+    src = image.kernel
+    if out.is_file() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(extract_elf(src.read_bytes(), str(src)))
+    os.replace(tmp, out)
+    return out

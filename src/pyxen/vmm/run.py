@@ -58,8 +58,10 @@ def _initrd_bytes(opts: RunOptions, mode: str, nonce: str,
         except OSError as e:
             raise ConfigError(f"initrd {opts.initrd}: {e.strerror}", "initrd") from e
         return opts.kernel, concat_initrd(base, overlay)
+    from pyxen.image.build import elf_kernel
     image = ensure_image(progress=progress)
-    return opts.kernel or str(image.kernel), concat_initrd(image.initramfs.read_bytes(), overlay)
+    kernel = opts.kernel or str(elf_kernel(image))
+    return kernel, concat_initrd(image.initramfs.read_bytes(), overlay)
 
 
 def run(opts: RunOptions, out: BinaryIO, progress: Callable[[str], None] = lambda s: None,
