@@ -89,3 +89,45 @@ def test_four_vcpus(image):
 def test_same_boot_path_on_kvm(image):
     r, out = _run("cat /sys/hypervisor/type; exit 3", accel="kvm")
     assert r.status == 3 and "xen" in out
+
+
+def test_interactive_shell_and_ctrl_bracket_detach(image):
+    """Without a command: a shell on hvc0 through a terminal; Ctrl-] ends the session."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:                                     # child: the CLI on a pseudo-terminal
+        os.execv(sys.executable, [sys.executable, "-m", "pyxen.cli.main", "run",
+                                  "--accel", "tcg"])
+    buf = bytearray()
+
+    def read_until(token: bytes, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if token in buf:
+                return True
+            r, _, _ = select.select([fd], [], [], 0.1)
+            if r:
+                try:
+                    buf.extend(os.read(fd, 4096))
+                except OSError:
+                    break
+        return token in buf
+
+    try:
+        assert read_until(b"pyxen:~# ", 120), bytes(buf[-500:])
+        os.write(fd, b"echo answer-$((6*7))\r")
+        assert read_until(b"answer-42", 60), bytes(buf[-500:])
+        os.write(fd, b"\x1d")                        # Ctrl-]
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.close(fd)

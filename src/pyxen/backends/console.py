@@ -19,18 +19,24 @@ IN_OFF, OUT_OFF = 0, 1024
 IN_CONS, IN_PROD, OUT_CONS, OUT_PROD = 3072, 3076, 3080, 3084
 
 
+def _set_index(page: memoryview, offset: int, value: int) -> None:
+    """Store a ring index as one aligned 4-byte write (``struct.pack_into`` writes byte by
+    byte, and the guest may read the index concurrently from another CPU)."""
+    page[offset:offset + 4].cast("I")[0] = value & 0xFFFFFFFF
+
+
 def drain_out(page: memoryview) -> bytes:
     """Consume everything the guest produced in ``out``; returns the bytes (never more than
     the ring holds, even if the guest wrote inconsistent indices)."""
     cons, prod = struct.unpack_from("<II", page, OUT_CONS)
     avail = (prod - cons) & 0xFFFFFFFF
     if avail > OUT_SIZE:                       # a broken or hostile guest: resynchronise
-        struct.pack_into("<I", page, OUT_CONS, prod)
+        _set_index(page, OUT_CONS, prod)
         return b""
     out = bytearray()
     for i in range(avail):
         out.append(page[OUT_OFF + ((cons + i) & (OUT_SIZE - 1))])
-    struct.pack_into("<I", page, OUT_CONS, (cons + avail) & 0xFFFFFFFF)
+    _set_index(page, OUT_CONS, cons + avail)
     return bytes(out)
 
 
@@ -43,7 +49,7 @@ def fill_in(page: memoryview, data: bytes) -> int:
     n = min(len(data), IN_SIZE - used)
     for i in range(n):
         page[IN_OFF + ((prod + i) & (IN_SIZE - 1))] = data[i]
-    struct.pack_into("<I", page, IN_PROD, (prod + n) & 0xFFFFFFFF)
+    _set_index(page, IN_PROD, prod + n)
     return n
 
 
