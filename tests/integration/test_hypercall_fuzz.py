@@ -12,7 +12,6 @@ from pyxen.testing.guests import GuestSpec
 from pyxen.vmm.builder import DomainConfig, build
 from pyxen.xen.abi import errno as E
 
-pytestmark = pytest.mark.kvm
 
 IMPLEMENTED = [12, 15, 17, 18, 20, 21, 24, 29, 32, 34]
 XEN_ERRNOS = {v for k, v in vars(E).items() if k.isupper() and isinstance(v, int)}
@@ -40,12 +39,13 @@ class _FuzzVcpu:
         self.ev = _FuzzEngineVcpu(real_vcpu.ev, regs)
 
 
-@pytest.fixture(scope="module")
-def parked_domain(guest_elfs):
+@pytest.fixture(scope="module", params=[pytest.param("kvm", marks=pytest.mark.kvm),
+                                        pytest.param("tcg", marks=pytest.mark.tcg)])
+def parked_domain(request, guest_elfs):
     """The boot guest, run to completion: a live domain in long mode with paging on."""
     spec = GuestSpec("boot")
     vmm = build(DomainConfig(kernel=str(guest_elfs / f"{spec.name}.elf"), memory=16,
-                             name="fuzz"))
+                             name="fuzz", accel=request.param))
     vmm.start()
     assert vmm.wait(60) is not None
     yield vmm

@@ -527,6 +527,8 @@ class TcgVcpu(EngineVcpu):
                 self._skip = 0
                 lib.uc_sysvm_set_regs(vm.uc, ctypes.byref(r))
             with vm.apic_lock:
+                if self._kicked:                 # a kick that found us not yet running
+                    return None
                 self._check_lapic_timer()
                 lib.uc_sysvm_clear_irq(vm.uc)
                 if self.lapic.deliverable() is not None:
