@@ -100,13 +100,15 @@ class TcgEngine(Engine):
 
 
 class _EngineLock:
-    """FIFO ownership of the single CPU; a waiter preempts the owner after one slice."""
+    """FIFO ownership of the single CPU; a waiter preempts the owner after one slice, or at
+    the owner's next PAUSE (``contended(True)`` turns pause-loop exiting on)."""
 
-    def __init__(self, preempt) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, preempt, contended) -> None:  # type: ignore[no-untyped-def]
         self._cv = threading.Condition()
         self._owner: object | None = None
         self._queue: deque[object] = deque()
         self._preempt = preempt
+        self._contended = contended
 
     def acquire(self, who: object, urgent: bool = False) -> None:
         """Take the CPU. ``urgent`` (VMM work) stops the running vCPU at once."""
@@ -114,6 +116,8 @@ class _EngineLock:
             if self._owner is None and not self._queue:
                 self._owner = who
                 return
+            if not self._queue:
+                self._contended(True)
             if urgent:
                 self._queue.appendleft(who)
                 self._preempt()
@@ -123,6 +127,8 @@ class _EngineLock:
                 if not self._cv.wait(SLICE_S):
                     self._preempt()
             self._queue.popleft()
+            if not self._queue:
+                self._contended(False)
             self._owner = who
 
     def release(self) -> None:
@@ -159,7 +165,8 @@ class TcgVm(EngineVm):
         self.vcpus: list[TcgVcpu] = []
         self.current: TcgVcpu | None = None        # whose context is in the CPU
         self.running: TcgVcpu | None = None        # inside uc_emu_start
-        self.lock = _EngineLock(self._preempt)
+        self.lock = _EngineLock(self._preempt,
+                                lambda on: lib.uc_sysvm_set_pause_yield(h, int(on)))
         self.apic_lock = threading.RLock()          # LAPIC models and wake-ups
         self._mmio_read = B.MMIO_READ(self._lapic_read)
         self._mmio_write = B.MMIO_WRITE(self._lapic_write)
@@ -168,6 +175,7 @@ class TcgVm(EngineVm):
         self._reset_ctx = ctypes.c_void_p()
         B.check(lib, lib.uc_context_alloc(h, ctypes.byref(self._reset_ctx)), "context alloc")
         B.check(lib, lib.uc_context_save(h, self._reset_ctx), "context save")
+        self._sregs_buf = SRegs()
         self._closed = False
 
     # ------------------------------------------------------------------ capabilities
@@ -248,6 +256,14 @@ class TcgVm(EngineVm):
         finally:
             self._exclusive_owner = None
             self.lock.release()
+
+    def paging_key(self) -> tuple[int, int, int, int] | None:
+        """(CR0, CR3, CR4, EFER) of the loaded vCPU, or None if none is loaded (lock held)."""
+        if self.current is None:
+            return None
+        s = self._sregs_buf
+        self.lib.uc_sysvm_get_sregs(self.uc, ctypes.byref(s))
+        return s.cr0, s.cr3, s.cr4, s.efer
 
     def evict(self) -> None:
         """Save the loaded vCPU's state into its context; the CPU is then free (lock held)."""
@@ -395,7 +411,10 @@ class TcgVcpu(EngineVcpu):
         self.init_pending = False
         self.sipi_vector: int | None = None
         self._pending: Exit | None = None       # the exit whose completion is due
-        self._skip = 0                          # bytes to step over at next entry (OUT)
+        self._exit_regs: Regs | None = None     # register copy while the vCPU is not running
+        self._exit_sregs: SRegs | None = None
+        self._regs_dirty = False
+        self._fault: int | None = None          # exception vector to raise at next entry
         self._msrs: dict[int, int] = {}
         # a new vCPU starts from the engine's reset state
         with vm.exclusive():
@@ -415,32 +434,70 @@ class TcgVcpu(EngineVcpu):
         if vm.current is self:
             return
         lib = vm.lib
+        before = vm.paging_key()
         vm.evict()
         lib.uc_context_restore(vm.uc, self.ctx)
-        lib.uc_ctl(vm.uc, B.CTL_FLUSH_TLB)
+        # The TLB caches translations of page tables in (shared) guest memory: when both
+        # vCPUs use the same tables and paging modes it stays valid (a flush either vCPU
+        # did has reached the shared TLB too). Otherwise it must go.
+        if before is None or vm.paging_key() != before:
+            lib.uc_ctl(vm.uc, B.CTL_FLUSH_TLB)
         lib.uc_sysvm_set_cpuid(vm.uc, self._cpuid, len(self._cpuid))
         vm.current = self
 
+    # Between runs the vCPU thread works on a copy of the registers taken at the exit
+    # (``_exit_regs``/``_exit_sregs``); changes are written back when the vCPU next runs. So
+    # handling an exit (read the arguments, complete it) never needs the shared CPU.
+
     def get_regs(self) -> Regs:
+        if self._exit_regs is not None:
+            return Regs.from_buffer_copy(self._exit_regs)
         r = Regs()
         with self._loaded():
             self.vm.lib.uc_sysvm_get_regs(self.vm.uc, ctypes.byref(r))
         return r
 
     def set_regs(self, regs: Regs) -> None:
+        if self._exit_regs is not None:
+            self._exit_regs = Regs.from_buffer_copy(regs)
+            self._regs_dirty = True
+            return
         with self._loaded():
             self.vm.lib.uc_sysvm_set_regs(self.vm.uc, ctypes.byref(regs))
 
     def get_sregs(self) -> SRegs:
-        s = SRegs()
-        with self._loaded():
-            self.vm.lib.uc_sysvm_get_sregs(self.vm.uc, ctypes.byref(s))
+        if self._exit_sregs is not None:
+            s = SRegs.from_buffer_copy(self._exit_sregs)
+        else:
+            s = SRegs()
+            with self._loaded():
+                self.vm.lib.uc_sysvm_get_sregs(self.vm.uc, ctypes.byref(s))
         s.apic_base = LAPIC_BASE | (1 << 11) | ((1 << 8) if self.index == 0 else 0)
         return s
 
     def set_sregs(self, sregs: SRegs) -> None:
+        self._flush_exit_state()
         with self._loaded():
             self.vm.lib.uc_sysvm_set_sregs(self.vm.uc, ctypes.byref(sregs))
+        self._exit_sregs = None
+
+    def _flush_exit_state(self) -> None:
+        """Write back a changed register copy now (engine lock not held by the caller)."""
+        if self._regs_dirty:
+            with self._loaded():
+                self._write_back()
+
+    def _write_back(self) -> None:
+        """Loaded, lock held: apply the exit-time copy and a pending fault; drop the copy."""
+        lib = self.vm.lib
+        if self._regs_dirty and self._exit_regs is not None:
+            lib.uc_sysvm_set_regs(self.vm.uc, ctypes.byref(self._exit_regs))
+        if self._fault is not None:
+            lib.uc_sysvm_inject_exception(self.vm.uc, self._fault, 1, 0)
+            self._fault = None
+        self._regs_dirty = False
+        self._exit_regs = None
+        self._exit_sregs = None
 
     def get_msr(self, index: int) -> int:
         if index == _IA32_TSC:
@@ -520,12 +577,7 @@ class TcgVcpu(EngineVcpu):
         vm.lock.acquire(self)
         try:
             self._load()
-            if self._skip:
-                r = Regs()
-                lib.uc_sysvm_get_regs(vm.uc, ctypes.byref(r))
-                r.rip += self._skip
-                self._skip = 0
-                lib.uc_sysvm_set_regs(vm.uc, ctypes.byref(r))
+            self._write_back()
             with vm.apic_lock:
                 if self._kicked:                 # a kick that found us not yet running
                     return None
@@ -539,6 +591,7 @@ class TcgVcpu(EngineVcpu):
             err = lib.uc_emu_start(vm.uc, r.rip, 0, 0, 0)
             with vm.apic_lock:
                 vm.running = None
+            self._capture()
             e = vm.exit
             kind = e.kind
             if err != B.UC_ERR_OK and kind == B.EXIT_NONE:
@@ -565,7 +618,10 @@ class TcgVcpu(EngineVcpu):
                                 f"rip 0x{r.rip:x} (port 0x{e.index:x})")
                 self._insn_len = ex_len
                 if e.is_write and ex.kind is ExitKind.IO:
-                    self._skip = ex_len           # performed; step over it at next entry
+                    # performed once the VMM has seen it: step over it at the next entry
+                    assert self._exit_regs is not None
+                    self._exit_regs.rip += ex_len
+                    self._regs_dirty = True
                 self._pending = ex
                 return ex
             if kind in (B.EXIT_MSR_READ, B.EXIT_MSR_WRITE):
@@ -585,6 +641,14 @@ class TcgVcpu(EngineVcpu):
             return Exit(ExitKind.FAILED, reason=f"unknown engine exit {kind}")
         finally:
             vm.lock.release()
+
+    def _capture(self) -> None:
+        """Loaded, lock held, just after a run: take the register copies exits work on."""
+        lib = self.vm.lib
+        r, s = Regs(), SRegs()
+        lib.uc_sysvm_get_regs(self.vm.uc, ctypes.byref(r))
+        lib.uc_sysvm_get_sregs(self.vm.uc, ctypes.byref(s))
+        self._exit_regs, self._exit_sregs, self._regs_dirty = r, s, False
 
     def _io_insn_len(self) -> int | None:
         """Length of the IN/OUT at RIP (prefixes + opcode [+ imm8]); None for string I/O."""
@@ -634,16 +698,12 @@ class TcgVcpu(EngineVcpu):
         if self._pending is None:
             raise EngineError("tcg: completion without a pending exit")
         self._pending = None
-        with self._loaded():
-            lib = self.vm.lib
-            r = Regs()
-            lib.uc_sysvm_get_regs(self.vm.uc, ctypes.byref(r))
-            if fn(r) is not False:
-                r.rip += self._insn_len
-            lib.uc_sysvm_set_regs(self.vm.uc, ctypes.byref(r))
+        r = self.get_regs()
+        if fn(r) is not False:
+            r.rip += self._insn_len
+        self.set_regs(r)
 
     def complete_hypercall(self, result: int) -> None:
-        self._skip = 0
 
         def f(r: Regs) -> None:
             r.rax = result & 0xFFFFFFFFFFFFFFFF
@@ -666,7 +726,7 @@ class TcgVcpu(EngineVcpu):
     def complete_msr_read(self, value: int, fault: bool = False) -> None:
         def f(r: Regs) -> bool:
             if fault:
-                self.vm.lib.uc_sysvm_inject_exception(self.vm.uc, 13, 1, 0)
+                self._fault = 13                  # #GP(0) at the next entry
                 return False
             r.rax = value & 0xFFFFFFFF
             r.rdx = (value >> 32) & 0xFFFFFFFF
@@ -676,7 +736,7 @@ class TcgVcpu(EngineVcpu):
     def complete_msr_write(self, fault: bool = False) -> None:
         def f(_r: Regs) -> bool:
             if fault:
-                self.vm.lib.uc_sysvm_inject_exception(self.vm.uc, 13, 1, 0)
+                self._fault = 13                  # #GP(0) at the next entry
                 return False
             return True
         self._complete(f)
@@ -692,7 +752,8 @@ class TcgVcpu(EngineVcpu):
             vm.lib.uc_context_restore(vm.uc, vm._reset_ctx)
             vm.lib.uc_context_save(vm.uc, self.ctx)
             self._pending = None
-            self._skip = 0
+            self._exit_regs = self._exit_sregs = None
+            self._regs_dirty, self._fault = False, None
 
     def _start_at_sipi(self, vector: int) -> None:
         """SIPI: real mode at CS = vector << 8, IP = 0 (Intel SDM 8.4.4.1)."""

@@ -100,6 +100,7 @@ def load() -> ctypes.CDLL:
     _proto(lib, "uc_sysvm_set_msr_traps", c_int, c_void_p, P(c_uint32), c_int)
     _proto(lib, "uc_sysvm_set_cpuid", None, c_void_p, P(SysvmCpuid), c_int)
     _proto(lib, "uc_sysvm_poll_irq", None, c_void_p)
+    _proto(lib, "uc_sysvm_set_pause_yield", None, c_void_p, c_int)
     _proto(lib, "uc_sysvm_clear_irq", None, c_void_p)
     _proto(lib, "uc_sysvm_inject_exception", None, c_void_p, c_int, c_int, c_uint32)
     _proto(lib, "uc_sysvm_get_regs", None, c_void_p, c_void_p)
