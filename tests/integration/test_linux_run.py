@@ -76,10 +76,12 @@ def test_fork_exec_loop_completes(report):
     assert f"FORKS={FORKS}" in out and "FORKFAIL" not in out
 
 
-def test_four_vcpus(image):
-    r, out = _run("nproc; grep -c ^processor /proc/cpuinfo", accel="tcg", vcpus=4)
+@pytest.mark.parametrize("vcpus", [4, 8])
+def test_smp_guest_sees_every_vcpu(image, vcpus):
+    r, out = _run("nproc; grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online",
+                  accel="tcg", vcpus=vcpus, memory=512)
     assert r.status == 0, r.console_tail
-    assert out.split()[:2] == ["4", "4"]
+    assert out.split()[:3] == [str(vcpus), str(vcpus), f"0-{vcpus - 1}"]
 
 
 @pytest.mark.kvm

@@ -105,6 +105,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts = RunOptions(command=command, vcpus=args.vcpus, memory=args.memory,
                       kernel=args.kernel, initrd=args.initrd, accel=args.accel,
                       cmdline=args.cmdline, timeout=args.timeout)
+    from pyxen.vmm.builder import hardware_virtualisation
+    if args.accel == "kvm" and not hardware_virtualisation():
+        print("pyxen: warning: this CPU has no VT-x/AMD-V, so KVM interprets guest kernel "
+              "code and a stock kernel cannot boot on it; --accel tcg (or auto) can",
+              file=sys.stderr)
     out = sys.stdout.buffer
     if command is None:
         print("pyxen: interactive shell on hvc0; Ctrl-] ends the session", file=sys.stderr)

@@ -222,3 +222,7 @@ class Engine(ABC):
 
     @abstractmethod
     def create_vm(self) -> EngineVm: ...
+
+    @abstractmethod
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """What this engine's CPU can execute, as CPUID entries (the VMM filters them)."""

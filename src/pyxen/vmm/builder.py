@@ -177,7 +177,7 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
                    max_pages=mem_bytes >> 12, sink=sink)
     xd.e820 = [(r.addr, r.size, r.type) for r in memmap]
     domain.handlers = xd
-    host_cpuid = engine.supported_cpuid()  # type: ignore[attr-defined]
+    host_cpuid = engine.supported_cpuid()
     for i in range(cfg.vcpus):
         v = domain.add_vcpu(i)
         xd.add_vcpu_state()
