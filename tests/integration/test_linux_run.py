@@ -133,3 +133,12 @@ def test_interactive_shell_and_ctrl_bracket_detach(image):
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+@pytest.mark.parametrize("command, reason", [
+    ("reboot -f", "reboot"),                         # ACPI reset register
+    ("echo c > /proc/sysrq-trigger", "crash"),       # panic -> SCHEDOP_shutdown(crash)
+])
+def test_reboot_and_crash_end_the_domain_with_their_reason(image, command, reason):
+    r, _out = _run(command, accel="tcg", timeout=120)
+    assert r.status is None and r.reason == reason, (r.reason, r.detail, r.console_tail[-500:])
