@@ -14,6 +14,8 @@ command -v cmake >/dev/null || need+=(cmake)
 command -v ninja >/dev/null || need+=(ninja-build)
 command -v patch >/dev/null || need+=(patch)
 command -v g++ >/dev/null || need+=(g++)
+# Debian's real xenstore clients, used by the xenstored tests
+command -v xenstore-read >/dev/null || need+=(xenstore-utils)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
     echo "pyxen setup: installing ${need[*]}" >&2

@@ -10,6 +10,7 @@ Subcommands so far:
   boot a throwaway domain from the default Debian image, run COMMAND in its shell, exit with
   COMMAND's status; without a command, an interactive shell on hvc0 (Ctrl-] ends it).
 * ``pyxen image [--refresh]`` — fetch Debian's cloud kernel and busybox and build the image.
+* ``pyxen xenstored [--socket PATH] [--state FILE]`` — run xenstored in the foreground.
 """
 
 from __future__ import annotations
@@ -126,6 +127,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_xenstored(args: argparse.Namespace) -> int:
+    import signal
+
+    from pyxen.xenstore.daemon import XenstoredDaemon
+    d = XenstoredDaemon(args.socket, args.state)
+    signal.signal(signal.SIGTERM, lambda *_: d.stop())
+    print(f"pyxen: xenstored listening on {args.socket}"
+          f"{' (state ' + args.state + ')' if args.state else ''}", file=sys.stderr)
+    try:
+        d.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyxen", description="Xen, rebuilt in Python on KVM")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more")
@@ -166,6 +182,12 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("image", help="fetch and build the default guest image")
     i.add_argument("--refresh", action="store_true", help="check Debian for a newer kernel")
     i.set_defaults(func=cmd_image)
+
+    from pyxen.xenstore.daemon import DEFAULT_SOCKET
+    x = sub.add_parser("xenstored", help="run xenstored (unix socket, foreground)")
+    x.add_argument("--socket", default=DEFAULT_SOCKET, help=f"default {DEFAULT_SOCKET}")
+    x.add_argument("--state", help="JSON snapshot kept across restarts")
+    x.set_defaults(func=cmd_xenstored)
     return p
 
 
