@@ -83,3 +83,20 @@ def test_state_survives_a_restart(daemon, tmp_path):
     d.thread.join(5)
     daemon()
     assert xs(tmp_path, "xenstore-read", "/local/domain/9/name").stdout == "survivor\n"
+
+
+def test_pyxs_client(daemon, tmp_path):
+    pyxs = pytest.importorskip("pyxs")
+    daemon()
+    with pyxs.Client(unix_socket_path=str(tmp_path / "socket")) as c:
+        c[b"/local/domain/5/name"] = b"five"
+        assert c[b"/local/domain/5/name"] == b"five"
+        assert c.list(b"/local/domain/5") == [b"name"]
+        c.set_perms(b"/local/domain/5/name", [b"n0", b"r5"])
+        assert c.get_perms(b"/local/domain/5/name") == [b"n0", b"r5"]
+        c.transaction()
+        c[b"/local/domain/5/data/a"] = b"1"
+        c.commit()
+        assert c[b"/local/domain/5/data/a"] == b"1"
+        with pytest.raises(pyxs.PyXSError):
+            c[b"/local/domain/5/nonexistent"]
