@@ -151,3 +151,24 @@ def test_user_mode_port_io_faults(vm):
     v = _to_ring3(vm, tr_present=1)
     ex = v.run()
     assert (ex.kind, ex.port) == (ExitKind.IO, 0x80), "user-mode OUT reached the VMM"
+
+
+def test_unbacked_memory_reads_all_ones_and_drops_writes(vm):
+    # mov dword [0x800000], 0x1234 ; mov eax, [0x800000] ; out 0x81, eax   (4 MiB VM)
+    code = (b"\xC7\x05" + (0x800000).to_bytes(4, "little") + (0x1234).to_bytes(4, "little")
+            + b"\xA1" + (0x800000).to_bytes(4, "little") + b"\xE7\x81")
+    v = boot(vm, 0, code)
+    ex = v.run()
+    assert (ex.kind, ex.port, ex.data) == (ExitKind.IO, 0x81, b"\xff\xff\xff\xff")
+
+
+def test_memory_mapped_later_replaces_a_void_page(vm):
+    code = b"\xA1" + (0x800000).to_bytes(4, "little") + b"\xE7\x81"   # mov eax,[0x800000]; out
+    v = boot(vm, 0, code)
+    assert v.run().data == b"\xff\xff\xff\xff"
+    extra = mmap.mmap(-1, 0x1000)
+    extra[0:4] = b"\x78\x56\x34\x12"
+    vm.map_memory(0x800000, 0x1000, ctypes.addressof(ctypes.c_char.from_buffer(extra)))
+    vm.extra = extra
+    boot(vm, 0, code)
+    assert v.run().data == b"\x78\x56\x34\x12"

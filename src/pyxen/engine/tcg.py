@@ -38,6 +38,7 @@ from pyxen.tcg import bindings as B
 log = logging.getLogger("pyxen.tcg")
 
 LAPIC_BASE = 0xFEE00000
+MAX_VOID_PAGES = 1024         # unbacked pages a guest may touch before it is stopped
 SLICE_S = 0.004               # how long a runnable vCPU waits before preempting the running one
 _IA32_TSC = 0x10
 _IA32_APIC_BASE = 0x1B
@@ -172,6 +173,15 @@ class TcgVm(EngineVm):
         self._mmio_write = B.MMIO_WRITE(self._lapic_write)
         B.check(lib, lib.uc_mmio_map(h, LAPIC_BASE, L.PAGE_SIZE, self._mmio_read, None,
                                      self._mmio_write, None), "mapping the LAPIC")
+        # Unbacked guest-physical addresses read as all-ones and ignore writes, as on the kvm
+        # engine (the VMM's MMIO answer): the first access maps a "void" page there.
+        self._void_pages: set[int] = set()
+        self._void_read = B.MMIO_READ(lambda _uc, _off, size, _u: (1 << (8 * size)) - 1)
+        self._void_write = B.MMIO_WRITE(lambda _uc, _off, _size, _value, _u: None)
+        self._unmapped_cb = B.MEM_UNMAPPED(self._unmapped)
+        hh = ctypes.c_size_t()
+        B.check(lib, lib.uc_hook_add(h, ctypes.byref(hh), B.UC_HOOK_MEM_UNMAPPED,
+                                     self._unmapped_cb, None, 1, 0), "unmapped-memory hook")
         self._reset_ctx = ctypes.c_void_p()
         B.check(lib, lib.uc_context_alloc(h, ctypes.byref(self._reset_ctx)), "context alloc")
         B.check(lib, lib.uc_context_save(h, self._reset_ctx), "context save")
@@ -214,8 +224,25 @@ class TcgVm(EngineVm):
         return fixed
 
     # ------------------------------------------------------------------ memory
+    def _unmapped(self, _uc: int, _type: int, address: int, _size: int, _value: int,
+                  _u: int) -> bool:
+        """vCPU thread, inside a run: give the page under ``address`` no device behind it."""
+        page = address & ~0xFFF
+        if len(self._void_pages) >= MAX_VOID_PAGES or page in self._void_pages:
+            log.warning("tcg: guest access to unbacked 0x%x refused (%d void pages)", address,
+                        len(self._void_pages))
+            return False                          # the run fails: the domain crashes
+        if self.lib.uc_mmio_map(self.uc, page, 0x1000, self._void_read, None,
+                                self._void_write, None) != B.UC_ERR_OK:
+            return False
+        self._void_pages.add(page)
+        return True
+
     def map_memory(self, gpa: int, size: int, host_addr: int, *, log_dirty: bool = False) -> int:
         with self.exclusive():
+            for page in [p for p in self._void_pages if gpa <= p < gpa + size]:
+                self.lib.uc_mem_unmap(self.uc, page, 0x1000)
+                self._void_pages.discard(page)
             B.check(self.lib, self.lib.uc_mem_map_ptr(self.uc, gpa, size, B.UC_PROT_ALL,
                                                       host_addr),
                     f"mapping 0x{gpa:x}+0x{size:x}")

@@ -88,6 +88,8 @@ def load() -> ctypes.CDLL:
     _proto(lib, "uc_mmio_map", c_int, c_void_p, c_uint64, c_size_t, MMIO_READ, c_void_p,
            MMIO_WRITE, c_void_p)
     _proto(lib, "uc_emu_start", c_int, c_void_p, c_uint64, c_uint64, c_uint64, c_size_t)
+    _proto(lib, "uc_hook_add", c_int, c_void_p, P(c_size_t), c_int, MEM_UNMAPPED, c_void_p,
+           c_uint64, c_uint64)
     _proto(lib, "uc_emu_stop", c_int, c_void_p)
     _proto(lib, "uc_context_alloc", c_int, c_void_p, P(c_void_p))
     _proto(lib, "uc_context_save", c_int, c_void_p, c_void_p)
