@@ -407,13 +407,15 @@ class TcgVm(EngineVm):
             self._io_bitmap[p >> 3] |= 1 << (p & 7)
 
     def close(self) -> None:
+        """Free the CPU. Taken under the engine lock, so no vCPU thread is inside a run."""
         if self._closed:
             return
-        self._closed = True
-        for v in self.vcpus:
-            v.close()
-        self.lib.uc_context_free(self._reset_ctx)
-        self.lib.uc_close(self.uc)
+        with self.exclusive():
+            self._closed = True
+            for v in self.vcpus:
+                v.close()
+            self.lib.uc_context_free(self._reset_ctx)
+            self.lib.uc_close(self.uc)
 
 
 class TcgVcpu(EngineVcpu):
@@ -453,6 +455,8 @@ class TcgVcpu(EngineVcpu):
     @contextlib.contextmanager
     def _loaded(self) -> Iterator[None]:
         with self.vm.exclusive():
+            if self.vm._closed:
+                raise EngineError(f"tcg: vcpu{self.index}: the VM was closed")
             self._load()
             yield
 
@@ -603,6 +607,8 @@ class TcgVcpu(EngineVcpu):
         lib = vm.lib
         vm.lock.acquire(self)
         try:
+            if vm._closed:
+                return Exit(ExitKind.FAILED, reason="the VM was closed")
             self._load()
             self._write_back()
             with vm.apic_lock:
