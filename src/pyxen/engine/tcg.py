@@ -428,7 +428,6 @@ class TcgVcpu(EngineVcpu):
         lib = vm.lib
         self.ctx = ctypes.c_void_p()
         B.check(lib, lib.uc_context_alloc(vm.uc, ctypes.byref(self.ctx)), "context alloc")
-        self._saved = False
         self.lapic = L.Lapic(self.apic_id, state=L.STATE_RUNNING if index == 0
                              else L.STATE_WAIT_FOR_SIPI)
         self.cv = threading.Condition(vm.apic_lock)
@@ -440,6 +439,7 @@ class TcgVcpu(EngineVcpu):
         self.init_pending = False
         self.sipi_vector: int | None = None
         self._pending: Exit | None = None       # the exit whose completion is due
+        self._insn_len = 0                      # length of the instruction that exited
         self._exit_regs: Regs | None = None     # register copy while the vCPU is not running
         self._exit_sregs: SRegs | None = None
         self._regs_dirty = False
@@ -557,7 +557,6 @@ class TcgVcpu(EngineVcpu):
     # --- running
     def run(self) -> Exit:
         vm = self.vm
-        lib = vm.lib
         while True:
             action = None
             with vm.apic_lock:

@@ -9,7 +9,7 @@ lacks the sysvm extension. All calls release the GIL (ctypes does for CDLL funct
 from __future__ import annotations
 
 import ctypes
-from ctypes import (CFUNCTYPE, POINTER, c_bool, c_int, c_int64, c_size_t, c_uint, c_uint8,
+from ctypes import (CFUNCTYPE, POINTER, c_bool, c_int, c_int64, c_size_t, c_uint,
                     c_uint32, c_uint64, c_void_p)
 
 from pyxen.errors import EngineUnavailable
@@ -120,4 +120,4 @@ def check(lib: ctypes.CDLL, err: int, what: str) -> None:
 
 
 __all__ = ["load", "check", "SysvmExit", "SysvmCpuid", "IRQ_ACK", "MMIO_READ", "MMIO_WRITE",
-           "MEM_UNMAPPED", "c_uint8"]
+           "MEM_UNMAPPED"]
