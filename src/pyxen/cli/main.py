@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pyxen.vmm.run import RunOptions, raw_terminal, run
 
     command = " ".join(args.argv) if args.argv else None
-    if bool(args.kernel) != bool(args.initrd) and args.initrd:
+    if args.initrd and not args.kernel:
         raise ConfigError("--initrd needs --kernel", "initrd")
     opts = RunOptions(command=command, vcpus=args.vcpus, memory=args.memory,
                       kernel=args.kernel, initrd=args.initrd, accel=args.accel,

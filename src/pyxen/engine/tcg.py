@@ -137,10 +137,6 @@ class _EngineLock:
             self._owner = None
             self._cv.notify_all()
 
-    @property
-    def contended(self) -> bool:
-        return bool(self._queue)
-
 
 class TcgVm(EngineVm):
     """One VM: the Unicorn instance, guest memory mappings, LAPICs and the CPU scheduler."""
@@ -175,6 +171,7 @@ class TcgVm(EngineVm):
                                      self._mmio_write, None), "mapping the LAPIC")
         # Unbacked guest-physical addresses read as all-ones and ignore writes, as on the kvm
         # engine (the VMM's MMIO answer): the first access maps a "void" page there.
+        self._exclusive_owner: threading.Thread | None = None
         self._void_pages: set[int] = set()
         self._void_read = B.MMIO_READ(lambda _uc, _off, size, _u: (1 << (8 * size)) - 1)
         self._void_write = B.MMIO_WRITE(lambda _uc, _off, _size, _value, _u: None)
@@ -273,7 +270,7 @@ class TcgVm(EngineVm):
     def exclusive(self) -> Iterator[None]:
         """Hold the CPU: no guest instruction executes inside the block (any thread)."""
         me = threading.current_thread()
-        if getattr(self, "_exclusive_owner", None) is me:
+        if self._exclusive_owner is me:
             yield
             return
         self.lock.acquire(me, urgent=True)
@@ -401,8 +398,7 @@ class TcgVm(EngineVm):
                 "MSR traps")
 
     def set_trapped_ports(self, ports: list[int]) -> None:
-        for i in range(len(self._io_bitmap)):
-            self._io_bitmap[i] = 0
+        ctypes.memset(self._io_bitmap, 0, ctypes.sizeof(self._io_bitmap))
         for p in ports:
             self._io_bitmap[p >> 3] |= 1 << (p & 7)
 
@@ -598,8 +594,10 @@ class TcgVcpu(EngineVcpu):
 
     def _check_lapic_timer(self) -> None:
         d = self.lapic.timer_deadline()
-        if d is not None and time.monotonic_ns() >= d:
-            self.lapic.timer_expired(time.monotonic_ns())
+        if d is not None:
+            now = time.monotonic_ns()
+            if now >= d:
+                self.lapic.timer_expired(now)
 
     def _run_once(self) -> Exit | None:
         vm = self.vm
@@ -626,15 +624,15 @@ class TcgVcpu(EngineVcpu):
             self._capture()
             e = vm.exit
             kind = e.kind
+            regs = self._exit_regs
+            assert regs is not None
             if err != B.UC_ERR_OK and kind == B.EXIT_NONE:
-                lib.uc_sysvm_get_regs(vm.uc, ctypes.byref(r))
                 return Exit(ExitKind.FAILED, reason=f"{lib.uc_strerror(err).decode()} "
-                            f"(rip 0x{r.rip:x})")
+                            f"(rip 0x{regs.rip:x})")
             if kind == B.EXIT_NONE:
                 return None                       # stopped: kick, preemption or exclusive()
             if kind == B.EXIT_HALT:
-                lib.uc_sysvm_get_regs(vm.uc, ctypes.byref(r))
-                self.halt_if = bool(r.rflags & 0x200)
+                self.halt_if = bool(regs.rflags & 0x200)
                 self.halted = True
                 return None
             if kind == B.EXIT_IO:
@@ -647,12 +645,11 @@ class TcgVcpu(EngineVcpu):
                 ex_len = self._io_insn_len()
                 if ex_len is None:
                     return Exit(ExitKind.FAILED, reason=f"unsupported I/O instruction at "
-                                f"rip 0x{r.rip:x} (port 0x{e.index:x})")
+                                f"rip 0x{regs.rip:x} (port 0x{e.index:x})")
                 self._insn_len = ex_len
                 if e.is_write and ex.kind is ExitKind.IO:
                     # performed once the VMM has seen it: step over it at the next entry
-                    assert self._exit_regs is not None
-                    self._exit_regs.rip += ex_len
+                    regs.rip += ex_len
                     self._regs_dirty = True
                 self._pending = ex
                 return ex
@@ -683,12 +680,10 @@ class TcgVcpu(EngineVcpu):
         self._exit_regs, self._exit_sregs, self._regs_dirty = r, s, False
 
     def _io_insn_len(self) -> int | None:
-        """Length of the IN/OUT at RIP (prefixes + opcode [+ imm8]); None for string I/O."""
-        r = Regs()
-        s = SRegs()
-        lib = self.vm.lib
-        lib.uc_sysvm_get_regs(self.vm.uc, ctypes.byref(r))
-        lib.uc_sysvm_get_sregs(self.vm.uc, ctypes.byref(s))
+        """Length of the IN/OUT at RIP (prefixes + opcode [+ imm8]); None for string I/O.
+        Works on the exit-time register copies (after :meth:`_capture`)."""
+        r, s = self._exit_regs, self._exit_sregs
+        assert r is not None and s is not None
         code = self._read_code(s, (r.rip + s.cs.base) & 0xFFFFFFFFFFFFFFFF, 15)
         n = 0
         while n < len(code) and (code[n] in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26,
@@ -714,12 +709,14 @@ class TcgVcpu(EngineVcpu):
                 raise PageFault(f"page table at 0x{gpa:x} outside memory")
             return int.from_bytes(b, "little")
         out = bytearray()
-        for i in range(n):
-            try:
-                gpa = translate(read_u64, s.cr0, s.cr3, s.cr4, s.efer, linear + i)
+        while len(out) < n:
+            addr = linear + len(out)
+            try:                                  # one walk per page, not per byte
+                gpa = translate(read_u64, s.cr0, s.cr3, s.cr4, s.efer, addr)
             except PageFault:
                 break
-            b = vm.read_physical(gpa, 1)
+            chunk = min(n - len(out), 0x1000 - (addr & 0xFFF))
+            b = vm.read_physical(gpa, chunk)
             if b is None:
                 break
             out += b
