@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -63,9 +62,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
 
-    from pyxen.arch.x86.bzimage import extract_elf
     from pyxen.image.build import ensure_image
-    from pyxen.image.runspec import concat_initrd, make_overlay, new_nonce
+    from qemu_peer import qemu_binary, qemu_command
 
     img = ensure_image()
     pyxen = str(Path(sys.executable).parent / "pyxen")
@@ -81,21 +79,12 @@ def main() -> int:
                        "exit_s": statistics.median(r[1] for r in rows),
                        "samples_exit_s": [round(r[1], 3) for r in rows]}
 
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = qemu_binary()
     if qemu:
         with tempfile.TemporaryDirectory() as tmp:
-            vmlinux = Path(tmp) / "vmlinux"
-            vmlinux.write_bytes(extract_elf(img.kernel.read_bytes(), str(img.kernel)))
-            initrd = Path(tmp) / "initrd"
             # the same /init work as pyxen's run: it loads the image's frontend modules
             # (signature checks included); outside Xen their init just fails
-            overlay = make_overlay("run", f"echo {TAG}", new_nonce())
-            initrd.write_bytes(concat_initrd(img.initramfs.read_bytes(), overlay))
-            from pyxen.engine.tcg import _tsc_khz
-            cmd = [qemu, "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "256",
-                   "-smp", "1", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-                   "-kernel", str(vmlinux), "-initrd", str(initrd),
-                   "-append", f"console=ttyS0 quiet tsc_early_khz={_tsc_khz()}"]
+            cmd = qemu_command(qemu, img, f"echo {TAG}", Path(tmp))
             qrows = [timed(cmd, TAG.encode()) for _ in range(args.runs)]
         result["qemu"] = {"command": " ".join(cmd[:12]) + " ...",
                           "first_output_s": statistics.median(r[0] or 0 for r in qrows),

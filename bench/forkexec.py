@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -45,10 +44,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
 
-    from pyxen.arch.x86.bzimage import extract_elf
-    from pyxen.engine.tcg import _tsc_khz
     from pyxen.image.build import ensure_image
-    from pyxen.image.runspec import concat_initrd, make_overlay, new_nonce
+    from qemu_peer import qemu_binary, qemu_command
 
     img = ensure_image()
     pyxen = str(Path(sys.executable).parent / "pyxen")
@@ -62,23 +59,13 @@ def main() -> int:
         secs.append(parse(p.stdout, args.count))
     res["pyxen"] = {"seconds": statistics.median(secs),
                     "forks_per_s": round(args.count / statistics.median(secs), 1)}
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = qemu_binary()
     if qemu:
         qsecs = []
         with tempfile.TemporaryDirectory() as tmp:
-            vmlinux = Path(tmp) / "vmlinux"
-            vmlinux.write_bytes(extract_elf(img.kernel.read_bytes(), str(img.kernel)))
-            initrd = Path(tmp) / "initrd"
-            initrd.write_bytes(concat_initrd(img.initramfs.read_bytes(),
-                                             make_overlay("run", loop(args.count), new_nonce(),
-                                                          modules=[])))
+            cmd = qemu_command(qemu, img, loop(args.count), Path(tmp), modules=[])
             for _ in range(args.runs):
-                p = subprocess.run(
-                    [qemu, "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-m", "256",
-                     "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-                     "-kernel", str(vmlinux), "-initrd", str(initrd),
-                     "-append", f"console=ttyS0 quiet tsc_early_khz={_tsc_khz()}"],
-                    capture_output=True, text=True)
+                p = subprocess.run(cmd, capture_output=True, text=True)
                 qsecs.append(parse(p.stdout, args.count))
         res["qemu"] = {"seconds": statistics.median(qsecs),
                        "forks_per_s": round(args.count / statistics.median(qsecs), 1)}
