@@ -15,6 +15,8 @@ Hierarchy::
      +-- DomainError            a domain operation failed
      +-- GuestBuildError        the in-tree test guests could not be built
      +-- ImageError             the guest image could not be fetched or built (names the step)
+     +-- XenstoredUnavailable   the standalone xenstored cannot be reached or refused a domain
+     +-- ToolstackError         a pyxend request failed (carries the HTTP status and message)
 """
 
 from __future__ import annotations
@@ -59,3 +61,16 @@ class GuestBuildError(PyxenError):
 
 class ImageError(PyxenError):
     """The guest image (kernel + initramfs) could not be fetched, built or read; names the step."""
+
+
+class XenstoredUnavailable(PyxenError):
+    """The standalone xenstored cannot be reached, or it refused to introduce a domain."""
+
+
+class ToolstackError(PyxenError):
+    """A toolstack (pyxend) request failed. ``status`` is the HTTP status it maps to; the
+    message names the domain, key or value at fault."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        self.status = status
+        super().__init__(message)

@@ -11,6 +11,9 @@ Subcommands so far:
   COMMAND's status; without a command, an interactive shell on hvc0 (Ctrl-] ends it).
 * ``pyxen image [--refresh]`` — fetch Debian's cloud kernel and busybox and build the image.
 * ``pyxen xenstored [--socket PATH] [--state FILE]`` — run xenstored in the foreground.
+* xl's domain commands (``create``, ``list``, ``console``, ``shutdown``, ``reboot``,
+  ``destroy``, ``pause``, ``unpause``, ``rename``, ``domid``, ``domname``, ``uptime``, ``info``,
+  ``dmesg``, ``vcpu-list``): :mod:`pyxen.cli.xl`, through pyxend's API.
 """
 
 from __future__ import annotations
@@ -91,9 +94,11 @@ def _progress(msg: str) -> None:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from pyxen.image.build import ensure_image
+    from pyxen.image.build import ensure_image, publish
     img = ensure_image(progress=_progress, refresh=args.refresh)
-    print(f"kernel   {img.kernel}\ninitrd   {img.initramfs}\nrelease  {img.release}")
+    links = publish(img)
+    print(f"kernel   {img.kernel}\ninitrd   {img.initramfs}\nrelease  {img.release}\n"
+          f"stable   {links['vmlinuz']}  {links['initrd.img']}")
     return 0
 
 
@@ -188,6 +193,9 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--socket", default=DEFAULT_SOCKET, help=f"default {DEFAULT_SOCKET}")
     x.add_argument("--state", help="JSON snapshot kept across restarts")
     x.set_defaults(func=cmd_xenstored)
+
+    from pyxen.cli import xl
+    xl.register(sub)
     return p
 
 

@@ -71,8 +71,15 @@ class Vcpu:
         #: hypercall result to deliver when a NO_RETURN hypercall is resumed (e.g. suspend)
         self.resume_result: int | None = None
         self.parked_in_hypercall = False
+        #: inside SCHEDOP_block / SCHEDOP_poll, waiting for an event
+        self.in_block = False
         #: run once on the vCPU thread before it next enters the guest (e.g. load a context)
         self.setup: Callable[[Vcpu], None] | None = None
+
+    @property
+    def blocked(self) -> bool:
+        """Waiting for an event (blocking hypercall or HLT); advisory, for state letters."""
+        return self.in_block or self.ev.halted
 
     def start(self) -> None:
         """Bring the vCPU up (Xen: clear VPF_down) and make sure its thread runs."""

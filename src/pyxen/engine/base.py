@@ -90,6 +90,9 @@ class EngineVcpu(ABC):
     """One virtual CPU. See the module docstring for the threading contract."""
 
     index: int
+    #: the vCPU is halted inside the engine waiting for an interrupt (read-only, advisory:
+    #: for ``vcpu-list``/``list`` state letters; engines that cannot tell leave it False)
+    halted: bool = False
 
     @abstractmethod
     def get_regs(self) -> Regs: ...

@@ -311,3 +311,28 @@ def elf_kernel(image: Image) -> Path:
     tmp.write_bytes(extract_elf(src.read_bytes(), str(src)))
     os.replace(tmp, out)
     return out
+
+
+#: Name of the stable directory in the image store that points at the current image.
+STABLE_NAME = "debian"
+
+
+def publish(image: Image, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+    """Point ``<images>/debian/vmlinuz`` (the ELF kernel) and ``<images>/debian/initrd.img``
+    at ``image``, for configuration files (``examples/debian.cfg``) that name the image by a
+    stable path. Returns the two paths."""
+    stable = images_dir(cache_dir) / STABLE_NAME
+    stable.mkdir(parents=True, exist_ok=True)
+    targets = {"vmlinuz": elf_kernel(image), "initrd.img": image.initramfs}
+    out = {}
+    for name, target in targets.items():
+        link = stable / name
+        rel = os.path.relpath(target, stable)
+        if not (link.is_symlink() and os.readlink(link) == rel):
+            tmp = stable / f".{name}.{os.getpid()}"
+            if tmp.is_symlink():
+                tmp.unlink()
+            os.symlink(rel, tmp)
+            os.replace(tmp, link)
+        out[name] = link
+    return out

@@ -8,8 +8,12 @@ Each run appends an overlay archive with ``/pyxen/{mode,cmd,nonce}`` (see ``runs
 * ``mode`` "run": ``sh -c "$(cat /pyxen/cmd)"`` in a new session whose controlling tty is
   /dev/hvc0 (``stty -onlcr -echo`` first, so output has plain ``\\n`` and piped input is not
   echoed back), then ``\\n@@pyxen-exit <nonce> <status>@@\\n`` on hvc0 and ``poweroff -f``.
-* ``mode`` "shell" (also when /pyxen/mode is missing): an interactive job-control shell on
-  hvc0 (tty settings left as they are: the host terminal is expected to be raw), then poweroff.
+* ``mode`` "shell": an interactive job-control shell on hvc0 (tty settings left as they are:
+  the host terminal is expected to be raw), then poweroff.
+* ``mode`` "service" (when /pyxen/mode is missing: the image booted as is, e.g. by
+  ``pyxen create``): busybox ``init`` as PID 1 with a login shell respawned on hvc0, so the
+  guest behaves like a small installed system: ``poweroff``/``reboot`` inside it and Xen's
+  ``control/shutdown`` (the kernel runs ``/sbin/poweroff``, which signals init) shut it down.
 
 Modules named in ``/etc/pyxen/modules`` are loaded first (``/pyxen/modules`` in the overlay
 replaces that list); failures are reported on the console and otherwise ignored.
@@ -46,7 +50,7 @@ con=/dev/hvc0
 reopen() { exec <"$con" >"$con" 2>&1; }
 reopen
 
-mode=shell
+mode=service
 [ -r /pyxen/mode ] && mode=$(cat /pyxen/mode)
 nonce=
 [ -r /pyxen/nonce ] && nonce=$(cat /pyxen/nonce)
@@ -85,6 +89,12 @@ run)
 shell)
     PS1='pyxen:\w\$ ' setsid -c sh -l
     finish
+    ;;
+service)
+    echo "export PS1='pyxen:\w\$ '" >/etc/profile
+    printf '%s\n' '::sysinit:/bin/true' "${con#/dev/}::respawn:-/bin/sh" \
+        '::ctrlaltdel:/sbin/reboot' '::shutdown:/bin/sync' >/etc/inittab
+    exec /sbin/init
     ;;
 *)
     echo "pyxen-init: unknown mode '$mode'" >&2

@@ -25,10 +25,13 @@ from pyxen.core.clock import DomainClock
 from pyxen.core.domain import Domain, RunState, Vcpu
 from pyxen.core.memory import GuestMemory
 from pyxen.engine.base import Engine
-from pyxen.errors import ConfigError, EngineUnavailable, KernelImageError
+from pyxen.errors import (ConfigError, EngineUnavailable, KernelImageError,
+                          XenstoredUnavailable)
+from pyxen.vmm.storelink import StoreLink
 from pyxen.xen.abi import xen as X
 from pyxen.xen.domain import XEN_VERSION, ConsoleSink, XenDomain
-from pyxen.xenstore import XenstoreRing, XenstoreServer, populate_domain
+from pyxen.xenstore import XenstoreError, XenstoreRing, XenstoreServer, populate_domain
+from pyxen.xenstore.client import XenstoreClient
 
 log = logging.getLogger("pyxen.vmm")
 
@@ -47,8 +50,12 @@ class DomainConfig:
     modules: list[tuple[str, str]] = field(default_factory=list)   # (path, cmdline)
     accel: str = "auto"
     domid: int = 1
-    #: a shared xenstore server (the toolstack's); None: a private one for this domain
+    #: a shared in-process xenstore server; None: see ``xenstored``
     xenstore: XenstoreServer | None = None
+    #: socket of a standalone xenstored that serves the store ring (the toolstack's case);
+    #: None (and no ``xenstore``): a private in-process server (``pyxen run``)
+    xenstored: str | None = None
+    uuid: str | None = None
 
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -109,8 +116,13 @@ class Vmm:
     def wait(self, timeout: float | None = None) -> RunState | None:
         return self.domain.wait_for_shutdown(timeout)
 
+    xenstore: XenstoreServer | None = None
+    store_link: StoreLink | None = None
+
     def destroy(self) -> None:
         self.domain.destroy()
+        if self.store_link is not None:
+            self.store_link.close()
         self.xen.close()
         self.domain.vm.close()
         self.domain.memory.close()
@@ -208,16 +220,31 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
                              lambda data: sink.emit("console", data))
     ev.bind_backend(console_port, console.notified)
 
-    # xenstore: the standard domU tree and the guest's ring (served in this process until a
-    # shared xenstored exists; the server is the same sans-IO core)
-    xs = cfg.xenstore or XenstoreServer()
-    populate_domain(xs, cfg.domid, cfg.name, memory_kib=cfg.memory * 1024, vcpus=cfg.vcpus,
-                    vm_uuid=str(uuid.uuid4()), store_port=store_port,
-                    store_ring_ref=layout.XENSTORE_PFN, console_port=console_port,
-                    console_ring_ref=layout.CONSOLE_PFN)
-    store = XenstoreRing(mem.view(layout.XENSTORE_PFN << 12, 4096),
-                         lambda: ev.set_pending(store_port), xs.connect(cfg.domid))
-    ev.bind_backend(store_port, store.notified)
+    # xenstore: the standard domU tree, then the guest's ring -- served by a standalone
+    # xenstored (introduced with the memfd and two eventfds) or by a server in this process
+    tree = dict(domid=cfg.domid, name=cfg.name, memory_kib=cfg.memory * 1024,
+                vcpus=cfg.vcpus, vm_uuid=cfg.uuid or str(uuid.uuid4()), store_port=store_port,
+                store_ring_ref=layout.XENSTORE_PFN, console_port=console_port,
+                console_ring_ref=layout.CONSOLE_PFN)
+    link = None
+    xs: XenstoreServer | None = None
+    if cfg.xenstored and cfg.xenstore is None:
+        link = StoreLink(cfg.xenstored, cfg.domid, mem, layout.XENSTORE_PFN, store_port,
+                         ev.set_pending)
+        ev.bind_backend(store_port, link.guest_notified)
+        try:
+            with XenstoreClient(cfg.xenstored) as client:
+                populate_domain(client, **tree)
+                link.introduce(client)
+        except (OSError, ConnectionError, XenstoreError) as e:
+            link.close()
+            raise XenstoredUnavailable(f"xenstored at {cfg.xenstored}: {e}") from e
+    else:
+        xs = cfg.xenstore or XenstoreServer()
+        populate_domain(xs, **tree)
+        store = XenstoreRing(mem.view(layout.XENSTORE_PFN << 12, 4096),
+                             lambda: ev.set_pending(store_port), xs.connect(cfg.domid))
+        ev.bind_backend(store_port, store.notified)
 
     # port I/O: debug console, ACPI sleep control (power off), reset register
     xd.io_write_handlers[0xE9] = lambda v, p, d: sink.emit("debug", d)
@@ -230,6 +257,7 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
                                  *xd.io_read_handlers}))
     vmm = Vmm(domain, xd, console, (time.monotonic() - t0) * 1000)
     vmm.xenstore = xs
+    vmm.store_link = link
     return vmm
 
 

@@ -8,25 +8,38 @@ connection can fire watches on others). State is kept in a JSON snapshot (writte
 after each request that may change the store) and reloaded at start, so the store survives a
 restart.
 
+Guest rings: the domain builder (a VMM process) sends XS_INTRODUCE(domid, mfn, port) with
+three file descriptors attached (SCM_RIGHTS): the domain's memory memfd, an eventfd the VMM
+signals when the guest notifies its store port, and an eventfd xenstored signals to raise
+that port. ``mfn`` is the store page's index in the memfd (pyxen's "machine" frame). The
+daemon maps that one page and serves it with :class:`XenstoreRing` on the same loop, until
+XS_RELEASE. An INTRODUCE without descriptors (e.g. from ``xenstore-control``-style tools)
+only marks the domain introduced. A repeated INTRODUCE with descriptors replaces the ring
+(a VMM reconnecting after a xenstored restart).
+
 Who calls: ``pyxen xenstored`` (CLI) or tests; :meth:`serve_forever` on one thread,
 :meth:`stop` from any thread.
 """
 
 from __future__ import annotations
 
+import array
 import json
 import logging
+import mmap
 import os
 import selectors
 import socket
 import threading
+import time
 from pathlib import Path
 
+from pyxen.xenstore.ring import XenstoreRing
 from pyxen.xenstore.server import Connection, XenstoreServer
 from pyxen.xenstore.store import Store
 from pyxen.xenstore.wire import (XS_INTRODUCE, XS_MKDIR, XS_RELEASE, XS_RM, XS_SET_PERMS,
-                                 XS_TRANSACTION_END, XS_WRITE, MessageParser, ProtocolError,
-                                 pack)
+                                 XS_TRANSACTION_END, XS_WRITE, Message, MessageParser,
+                                 ProtocolError, pack, split_strings)
 
 log = logging.getLogger("pyxen.xenstored")
 
@@ -35,12 +48,52 @@ _MUTATING = {XS_WRITE, XS_MKDIR, XS_RM, XS_SET_PERMS, XS_TRANSACTION_END, XS_INT
              XS_RELEASE}
 
 
+_MAX_FDS = 8
+#: changes reach the state file within this many seconds (at once when the loop goes idle)
+SNAPSHOT_DELAY = 0.1
+
+
 class _Client:
     def __init__(self, sock: socket.socket, conn: Connection) -> None:
         self.sock = sock
         self.conn = conn
         self.parser = MessageParser()
         self.out = bytearray()
+        self.fds: list[int] = []                   # received with SCM_RIGHTS, not yet used
+
+
+class _DomainRing:
+    """One introduced domain's store page, mapped from its memfd, and its two eventfds."""
+
+    def __init__(self, domid: int, mm: mmap.mmap, offset: int, kick_fd: int,
+                 notify_fd: int) -> None:
+        self.domid = domid
+        self.mm = mm
+        self.kick_fd = kick_fd                     # the VMM signals: the guest notified us
+        self.notify_fd = notify_fd                 # we signal: raise the guest's store port
+        self.ring: XenstoreRing | None = None
+        self.view = memoryview(mm)[offset:offset + 4096]
+
+    def raise_event(self) -> None:
+        try:
+            os.eventfd_write(self.notify_fd, 1)
+        except OSError:
+            pass                                   # the VMM is gone; release follows
+
+    def close(self) -> None:
+        self.view.release()
+        if self.ring is not None:
+            self.ring.page.release()
+            self.ring.words.release()
+        try:
+            self.mm.close()
+        except BufferError:                        # a view still alive: leave it to GC
+            pass
+        for fd in (self.kick_fd, self.notify_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class XenstoredDaemon:
@@ -54,7 +107,10 @@ class XenstoredDaemon:
         if self.state_path and self.state_path.is_file():
             store = Store.from_dict(json.loads(self.state_path.read_text()))
             log.info("xenstored: state loaded from %s", self.state_path)
-        self.server = XenstoreServer(store)
+        self.server = XenstoreServer(store, on_release=self._release_ring)
+        self.rings: dict[int, _DomainRing] = {}
+        self._dirty = False
+        self._dirty_since = 0.0
         self.sel = selectors.DefaultSelector()
         self.clients: dict[int, _Client] = {}
         self._stop_r, self._stop_w = os.pipe()
@@ -77,11 +133,17 @@ class XenstoredDaemon:
         self.ready.set()
         try:
             while True:
-                for key, events in self.sel.select():
+                ready = self.sel.select(SNAPSHOT_DELAY if self._dirty else None)
+                if self._dirty and (not ready or
+                                    time.monotonic() - self._dirty_since >= SNAPSHOT_DELAY):
+                    self._snapshot()
+                for key, events in ready:
                     if key.data == "stop":
                         return
                     if key.data == "listen":
                         self._accept()
+                    elif isinstance(key.data, _DomainRing):
+                        self._kicked(key.data)
                     else:
                         client = key.data
                         if events & selectors.EVENT_READ:
@@ -108,12 +170,18 @@ class XenstoredDaemon:
         self.sel.register(sock, selectors.EVENT_READ, client)
 
     def _read(self, client: _Client) -> None:
+        fds = array.array("i")
         try:
-            data = client.sock.recv(65536)
+            data, anc, _flags, _addr = client.sock.recvmsg(
+                65536, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
+            data, anc = b"", []
+        for level, typ, cdata in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+        client.fds.extend(fds)
         if not data:
             self._drop(client)
             return
@@ -125,11 +193,86 @@ class XenstoredDaemon:
             return
         changed = False
         for m in msgs:
+            if m.type == XS_INTRODUCE and client.fds:
+                if not self._introduce_ring(client, m):
+                    continue                       # answered with an error
             client.conn.handle(m)
             changed |= m.type in _MUTATING
+        self._close_fds(client)                    # descriptors not claimed by INTRODUCE
         self._flush_all()
         if changed:
-            self._snapshot()
+            self._mark_dirty()
+
+    # ------------------------------------------------------------------ guest rings
+    def _introduce_ring(self, client: _Client, m: Message) -> bool:
+        """Map the store page named by an INTRODUCE that carries descriptors. False (and an
+        error reply queued) if they are unusable; the domain is then not introduced."""
+        fds, client.fds = client.fds, []
+        args = split_strings(m.payload)
+        try:
+            if len(fds) != 3 or len(args) < 3:
+                raise ValueError("INTRODUCE needs domid, mfn, port and three descriptors")
+            domid, mfn = int(args[0]), int(args[1])
+            if not 0 < domid < 0x7FF0 or mfn < 0:
+                raise ValueError(f"bad domid {domid} or mfn {mfn}")
+            mem_fd, kick_fd, notify_fd = fds
+            size = os.fstat(mem_fd).st_size
+            if (mfn + 1) * 4096 > size:
+                raise ValueError(f"mfn {mfn} beyond the {size}-byte memory file")
+            mm = mmap.mmap(mem_fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=mfn * 4096)
+        except (ValueError, OSError) as e:
+            log.warning("xenstored: INTRODUCE refused: %s", e)
+            for fd in fds:
+                os.close(fd)
+            client.conn.refuse(m, "EINVAL")
+            return False
+        os.close(mem_fd)
+        old = self.rings.pop(domid, None)
+        if old is not None:
+            self._unregister_ring(old)
+        dr = _DomainRing(domid, mm, 0, kick_fd, notify_fd)
+        self.rings[domid] = dr
+        os.set_blocking(kick_fd, False)
+        self.sel.register(kick_fd, selectors.EVENT_READ, dr)
+        if self.server.is_introduced(domid):
+            # re-introduction: drop the old ring's connection, keep the domain introduced
+            for c in [c for c in self.server.connections if c.domid == domid]:
+                self.server.disconnect(c)
+        dr.ring = XenstoreRing(dr.view, dr.raise_event, self.server.connect(domid))
+        log.info("xenstored: dom%d introduced (store page %d)", domid, mfn)
+        dr.ring.notified()                         # requests queued before we mapped
+        return True
+
+    def _kicked(self, dr: _DomainRing) -> None:
+        try:
+            os.eventfd_read(dr.kick_fd)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if dr.ring is not None:
+            dr.ring.notified()
+        self._flush_all()
+        self._mark_dirty()                          # the guest's requests are not inspected
+
+    def _release_ring(self, domid: int) -> None:
+        dr = self.rings.pop(domid, None)
+        if dr is not None:
+            self._unregister_ring(dr)
+
+    def _unregister_ring(self, dr: _DomainRing) -> None:
+        try:
+            self.sel.unregister(dr.kick_fd)
+        except (KeyError, ValueError):
+            pass
+        dr.close()
+
+    @staticmethod
+    def _close_fds(client: _Client) -> None:
+        for fd in client.fds:
+            os.close(fd)
+        client.fds.clear()
 
     def _flush_all(self) -> None:
         """Move every connection's queued messages to its socket buffer (watch events)."""
@@ -158,9 +301,16 @@ class XenstoredDaemon:
         except (KeyError, ValueError):
             pass
         self.server.disconnect(client.conn)
+        self._close_fds(client)
         client.sock.close()
 
+    def _mark_dirty(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            self._dirty_since = time.monotonic()
+
     def _snapshot(self) -> None:
+        self._dirty = False
         if self.state_path is None:
             return
         tmp = self.state_path.with_suffix(".tmp")
@@ -170,8 +320,13 @@ class XenstoredDaemon:
         os.replace(tmp, self.state_path)
 
     def _shutdown(self) -> None:
+        if self._dirty:
+            self._snapshot()
         for c in list(self.clients.values()):
             self._drop(c)
+        for dr in list(self.rings.values()):
+            self._unregister_ring(dr)
+        self.rings.clear()
         self.sel.close()
         self.listener.close()
         try:

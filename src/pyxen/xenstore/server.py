@@ -24,7 +24,7 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 from pyxen.xenstore.store import (READ, Event, Store, XenstoreError, domain_path, is_child)
 from pyxen.xenstore.wire import (XENSTORE_PAYLOAD_MAX, XENSTORE_REL_PATH_MAX, XS_CONTROL,
@@ -89,6 +89,12 @@ class Connection:
     def handle(self, msg: Message) -> None:
         """Process one request; its reply (and any watch events) are queued, never raised."""
         self.server._handle(self, msg)
+
+    def refuse(self, msg: Message, name: str) -> None:
+        """Queue the error reply ``name`` for ``msg`` without processing it (the transport
+        rejected the request, e.g. unusable descriptors on an INTRODUCE)."""
+        with self.server.lock:
+            self._out.append(error_reply(msg, name))
 
     def outgoing(self) -> list[Message]:
         """Drain and return everything queued for this connection, in order."""
@@ -189,6 +195,10 @@ class XenstoreServer:
     def read(self, path: str, domid: int = 0) -> bytes:
         with self.lock:
             return self.store.read(domid, path)
+
+    def exists(self, path: str) -> bool:
+        with self.lock:
+            return path in self.store.nodes
 
     def directory(self, path: str, domid: int = 0) -> list[str]:
         with self.lock:
@@ -497,7 +507,16 @@ def _domid(s: str) -> int:
 
 # ----------------------------------------------------------------- toolstack layout
 
-def populate_domain(server: XenstoreServer, domid: int, name: str, memory_kib: int,
+class XenstoreOps(Protocol):
+    """What :func:`populate_domain` needs: the in-process server or a socket client."""
+
+    def exists(self, path: str) -> bool: ...
+    def write(self, path: str, value: bytes | str) -> None: ...
+    def rm(self, path: str) -> None: ...
+    def set_perms(self, path: str, perms: Iterable[str]) -> None: ...
+
+
+def populate_domain(server: XenstoreOps, domid: int, name: str, memory_kib: int,
                     vcpus: int, vm_uuid: str, *, target_kib: int | None = None,
                     store_port: int | None = None, store_ring_ref: int | None = None,
                     console_port: int | None = None,
@@ -524,7 +543,7 @@ def populate_domain(server: XenstoreServer, domid: int, name: str, memory_kib: i
         server.set_perms(path, perms)
 
     for path in (dom, vm, lx):
-        if _exists(server, path):
+        if server.exists(path):
             server.rm(path)
     mknod(dom, ro)
     mknod(vm, ro)
@@ -567,6 +586,4 @@ def populate_domain(server: XenstoreServer, domid: int, name: str, memory_kib: i
         server.write(f"{dom}/console/ring-ref", str(console_ring_ref))
 
 
-def _exists(server: XenstoreServer, path: str) -> bool:
-    with server.lock:
-        return path in server.store.nodes
+

@@ -22,7 +22,11 @@ def do_sched_op(ctx: HypercallContext) -> object:
         return 0
     if cmd == X.SCHEDOP_block:
         # HVM: enable event delivery, sleep until an upcall is pending for this vCPU.
-        d.wait_until(lambda: xd.upcall_pending(v) or d.runstate.state != "running")
+        ctx.vcpu.in_block = True
+        try:
+            d.wait_until(lambda: xd.upcall_pending(v) or d.runstate.state != "running")
+        finally:
+            ctx.vcpu.in_block = False
         return 0
     if cmd == X.SCHEDOP_poll:
         ports_gva, nr_ports, timeout = ctx.unpack("QIxxxxQ", arg)

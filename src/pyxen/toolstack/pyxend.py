@@ -1,0 +1,485 @@
+"""pyxend's core: the domain registry and the domain lifecycle (no HTTP here; see ``api``).
+
+Each domain runs in its own VMM process (:mod:`pyxen.vmm.process`), started in a new session
+so that it keeps running when pyxend stops. pyxend finds them again at start from the
+registry (:mod:`pyxen.toolstack.registry`) and their control sockets. One monitor thread per
+domain subscribes to the VMM's state stream and applies the domain's ``on_poweroff`` /
+``on_reboot`` / ``on_crash`` / ``on_watchdog`` action when the guest shuts down:
+``destroy``, ``restart`` (a new domain with the same name and configuration, as xl),
+``preserve`` (left in shutdown state), ``rename-restart`` (the old domain is kept as
+``<name>--incarnation-<n>`` and a new one started).
+
+``shutdown``/``reboot`` write ``control/shutdown`` in the guest's xenstore directory, as
+libxl does, and need the guest's ``control/feature-poweroff``/``-reboot``; with
+``fallback`` the domain is shut down by the VMM instead when the guest has no PV control
+interface or does not react within ``timeout`` seconds.
+
+pyxend also makes sure a xenstored serves ``paths.xenstored_socket`` (starting one, in its own
+session, if none answers). Thread-safety: every public method may be called from any thread.
+Errors are :class:`~pyxen.errors.ToolstackError` with the HTTP status they map to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import uuid as uuidlib
+from collections import deque
+from dataclasses import dataclass, field
+
+from pyxen.errors import ToolstackError
+from pyxen.toolstack.paths import Paths
+from pyxen.toolstack.registry import CONFIG_KEYS, DomainRecord, Registry
+from pyxen.toolstack.vmmctl import VmmControl, VmmGone, vmm_call
+from pyxen.toolstack.xlcfg import ACTIONS
+from pyxen.vmm.process import release_domain
+from pyxen.xenstore.client import XenstoreClient
+from pyxen.xenstore.store import XenstoreError
+
+log = logging.getLogger("pyxen.pyxend")
+
+READY_TIMEOUT = 120.0                  # s for a VMM to build its domain
+SHUTDOWN_TIMEOUT = 60.0                # s a guest has to honour control/shutdown (fallback)
+ACTION_KEYS = {"poweroff": "on_poweroff", "reboot": "on_reboot", "crash": "on_crash",
+               "watchdog": "on_watchdog", "soft_reset": "on_soft_reset"}
+_NAME_FORBIDDEN = set("/\0\n\t ")
+
+
+@dataclass
+class _Live:
+    """What pyxend knows about a domain beyond its record (in memory only)."""
+
+    rec: DomainRecord
+    proc: subprocess.Popen | None = None           # set if this pyxend started the VMM
+    state: dict = field(default_factory=dict)       # the VMM's latest state event
+    handled: bool = False                           # the shutdown action was taken
+    destroying: bool = False
+    gone: threading.Event = field(default_factory=threading.Event)
+
+
+class Pyxend:
+    def __init__(self, paths: Paths, start_xenstored: bool = True) -> None:
+        self.paths = paths
+        for d in (paths.run_dir, paths.vmm_run_dir, paths.state_dir, paths.log_dir):
+            os.makedirs(d, exist_ok=True)
+        self.registry = Registry(paths.state_dir)
+        self.lock = threading.RLock()
+        self.domains: dict[int, _Live] = {}
+        self.started = time.time()
+        self._dmesg: deque[str] = deque(maxlen=4000)
+        self._incarnations: dict[str, int] = {}
+        self.xenstored_pid: int | None = None
+        if start_xenstored:
+            self.ensure_xenstored()
+        self._adopt()
+
+    # ----------------------------------------------------------------- xenstored
+    def ensure_xenstored(self) -> None:
+        """Start a xenstored on ``paths.xenstored_socket`` unless one answers there."""
+        sock = self.paths.xenstored_socket
+        if _xenstored_alive(sock):
+            return
+        logf = open(os.path.join(self.paths.log_dir, "xenstored.log"), "ab")
+        p = subprocess.Popen([sys.executable, "-m", "pyxen.cli.main", "xenstored",
+                              "--socket", sock, "--state", self.paths.xenstored_state],
+                             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                             start_new_session=True)
+        logf.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise ToolstackError(f"xenstored exited with status {p.returncode}; see "
+                                     f"{self.paths.log_dir}/xenstored.log", 503)
+            if _xenstored_alive(sock):
+                self.xenstored_pid = p.pid
+                self.printk(f"xenstored started (pid {p.pid}, socket {sock})")
+                return
+            time.sleep(0.05)
+        raise ToolstackError(f"xenstored did not come up on {sock}", 503)
+
+    # ----------------------------------------------------------------- registry
+    def _adopt(self) -> None:
+        for rec in self.registry.load_all():
+            try:
+                vmm_call(rec.control, "info", timeout=5)
+            except (ToolstackError, OSError, ValueError):
+                log.info("d%d (%s): VMM gone while pyxend was down; cleaning up",
+                         rec.domid, rec.name)
+                self.printk(f"d{rec.domid} ({rec.name}): VMM gone, cleaned up")
+                release_domain(self.paths.xenstored_socket, rec.domid, rec.uuid)
+                self.registry.remove(rec.domid)
+                continue
+            live = _Live(rec)
+            self.domains[rec.domid] = live
+            self.printk(f"d{rec.domid} ({rec.name}): re-attached to VMM pid {rec.pid}")
+            self._monitor(live)
+
+    def lookup(self, dom: str | int) -> _Live:
+        """A domain by ID or name (xl's domain-id argument). 404 if there is none."""
+        with self.lock:
+            s = str(dom)
+            if s.isdigit() and int(s) in self.domains:
+                return self.domains[int(s)]
+            for live in self.domains.values():
+                if live.rec.name == s:
+                    return live
+        raise ToolstackError(f"domain {dom!r} does not exist", 404)
+
+    # ----------------------------------------------------------------- create
+    def create(self, config: dict, paused: bool = False) -> DomainRecord:
+        cfg = validate_config(config)
+        with self.lock:
+            if any(lv.rec.name == cfg["name"] for lv in self.domains.values()) \
+                    or cfg["name"] == "Domain-0":
+                raise ToolstackError(f"domain name {cfg['name']!r} is already in use", 409)
+            domid = self.registry.allocate_domid(set(self.domains))
+            rec = DomainRecord(domid=domid, name=cfg["name"],
+                               uuid=cfg.get("uuid") or str(uuidlib.uuid4()), config=cfg,
+                               created=time.time())
+            live = _Live(rec)
+            self.domains[domid] = live
+        try:
+            self._spawn(live, paused)
+        except BaseException:
+            with self.lock:
+                self.domains.pop(domid, None)
+            self.registry.remove(domid)
+            raise
+        self.printk(f"d{domid} ({rec.name}): created, {cfg['vcpus']} vCPU(s), "
+                    f"{cfg['memory']} MiB{' (paused)' if paused else ''}")
+        self._monitor(live)
+        return rec
+
+    def _spawn(self, live: _Live, paused: bool) -> None:
+        rec, cfg = live.rec, live.rec.config
+        spec = {"domid": rec.domid, "name": rec.name, "uuid": rec.uuid,
+                "kernel": cfg["kernel"], "ramdisk": cfg.get("ramdisk"),
+                "cmdline": cfg.get("cmdline") or "", "memory": cfg["memory"],
+                "vcpus": cfg["vcpus"], "accel": cfg.get("accel", "auto"), "paused": paused,
+                "run_dir": self.paths.vmm_run_dir, "log_dir": self.paths.log_dir,
+                "xenstored": self.paths.xenstored_socket}
+        spec_path = self.registry.spec_path(rec.domid)
+        spec_path.write_text(json.dumps(spec))
+        self.registry.save(rec)
+        r, w = os.pipe()
+        logf = open(os.path.join(self.paths.log_dir, f"vmm-{rec.domid}.log"), "ab")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pyxen.vmm.process", "--spec", str(spec_path),
+                 "--ready-fd", str(w)],
+                pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                start_new_session=True)
+        finally:
+            os.close(w)
+            logf.close()
+        try:
+            line = _read_line(r, READY_TIMEOUT)
+        finally:
+            os.close(r)
+        try:
+            ready = json.loads(line) if line else {}
+        except ValueError:
+            ready = {}
+        if not ready.get("ok"):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            why = ready.get("error") or (f"VMM exited with status {proc.returncode}; see "
+                                         f"{self.paths.log_dir}/vmm-{rec.domid}.log")
+            raise ToolstackError(f"domain {rec.name!r}: {why}", 400)
+        rec.pid, rec.control, rec.console = ready["pid"], ready["control"], ready["console"]
+        live.proc = proc
+        self.registry.save(rec)
+
+    # ----------------------------------------------------------------- monitoring
+    def _monitor(self, live: _Live) -> None:
+        t = threading.Thread(target=self._watch, args=(live,), daemon=True,
+                             name=f"monitor-d{live.rec.domid}")
+        t.start()
+
+    def _watch(self, live: _Live) -> None:
+        rec = live.rec
+        try:
+            with VmmControl(rec.control, timeout=10) as ctl:
+                for ev in ctl.events():
+                    if ev.get("event") == "destroyed":
+                        break
+                    live.state = ev
+                    if ev.get("state") == "shutdown" and not live.handled:
+                        live.handled = True
+                        threading.Thread(target=self._on_shutdown, args=(live, ev),
+                                         daemon=True).start()
+        except (ToolstackError, OSError, ValueError) as e:
+            if not live.destroying:
+                log.warning("d%d (%s): lost the VMM: %s", rec.domid, rec.name, e)
+        if live.proc is not None:
+            live.proc.wait()
+        if not live.destroying:
+            self.printk(f"d{rec.domid} ({rec.name}): VMM exited unexpectedly")
+            release_domain(self.paths.xenstored_socket, rec.domid, rec.uuid)
+        self._forget(live)
+
+    def _forget(self, live: _Live) -> None:
+        with self.lock:
+            if self.domains.get(live.rec.domid) is live:
+                del self.domains[live.rec.domid]
+        self.registry.remove(live.rec.domid)
+        live.gone.set()
+
+    def _on_shutdown(self, live: _Live, ev: dict) -> None:
+        rec = live.rec
+        reason = ev.get("reason") or "poweroff"
+        action = rec.config.get(ACTION_KEYS.get(reason, ""), "preserve") \
+            if reason in ACTION_KEYS else "preserve"
+        self.printk(f"d{rec.domid} ({rec.name}): shut down, reason {reason}"
+                    f"{' (' + ev['detail'] + ')' if ev.get('detail') else ''}; "
+                    f"action {action}")
+        try:
+            if action in ("destroy", "coredump-destroy"):
+                self.destroy(rec.domid)
+            elif action in ("restart", "coredump-restart", "soft-reset"):
+                self.destroy(rec.domid)
+                self.create(rec.config)
+            elif action == "rename-restart":
+                n = self._incarnations.get(rec.name, 0) + 1
+                self._incarnations[rec.name] = n
+                original = rec.name
+                self.rename(rec.domid, f"{original}--incarnation-{n}")
+                self.create(dict(rec.config, name=original, uuid=None))
+        except ToolstackError as e:
+            self.printk(f"d{rec.domid} ({rec.name}): action {action} failed: {e}")
+
+    # ----------------------------------------------------------------- operations
+    def destroy(self, dom: str | int, timeout: float = 30.0) -> None:
+        live = self.lookup(dom)
+        live.destroying = True
+        try:
+            vmm_call(live.rec.control, "destroy")
+        except VmmGone:
+            pass
+        if not live.gone.wait(timeout):
+            pid = live.rec.pid
+            if pid:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+            release_domain(self.paths.xenstored_socket, live.rec.domid, live.rec.uuid)
+            self._forget(live)
+        self.printk(f"d{live.rec.domid} ({live.rec.name}): destroyed")
+
+    def pause(self, dom: str | int) -> None:
+        vmm_call(self.lookup(dom).rec.control, "pause")
+
+    def unpause(self, dom: str | int) -> None:
+        vmm_call(self.lookup(dom).rec.control, "unpause")
+
+    def rename(self, dom: str | int, new_name: str) -> None:
+        _check_name(new_name)
+        live = self.lookup(dom)
+        with self.lock:
+            if any(lv.rec.name == new_name and lv is not live for lv in self.domains.values()):
+                raise ToolstackError(f"domain name {new_name!r} is already in use", 409)
+            old = live.rec.name
+            live.rec.name = new_name
+            live.rec.config = dict(live.rec.config, name=new_name)
+            self.registry.save(live.rec)
+        vmm_call(live.rec.control, "rename", name=new_name)
+        try:
+            with XenstoreClient(self.paths.xenstored_socket) as xs:
+                xs.write(f"/local/domain/{live.rec.domid}/name", new_name)
+                xs.write(f"/vm/{live.rec.uuid}/name", new_name)
+        except (OSError, ConnectionError, XenstoreError) as e:
+            log.warning("rename: xenstore: %s", e)
+        self.printk(f"d{live.rec.domid}: renamed {old} -> {new_name}")
+
+    def shutdown(self, dom: str | int, reason: str = "poweroff", fallback: bool = False,
+                 timeout: float = SHUTDOWN_TIMEOUT) -> str:
+        """Ask the guest to shut down through xenstore; returns "pv" or "forced"."""
+        if reason not in ("poweroff", "reboot"):
+            raise ToolstackError(f"shutdown reason {reason!r}: use poweroff or reboot", 400)
+        live = self.lookup(dom)
+        rec = live.rec
+        if live.state.get("state") == "shutdown":
+            raise ToolstackError(f"domain {rec.name!r} is already shut down", 409)
+        base = f"/local/domain/{rec.domid}/control"
+        try:
+            with XenstoreClient(self.paths.xenstored_socket) as xs:
+                feature = _read_or_none(xs, f"{base}/feature-{reason}")
+                if feature == b"1":
+                    xs.write(f"{base}/shutdown", reason)
+                    if fallback:
+                        self._arm_fallback(live, reason, timeout)
+                    self.printk(f"d{rec.domid} ({rec.name}): {reason} requested via xenstore")
+                    return "pv"
+        except (OSError, ConnectionError, XenstoreError) as e:
+            raise ToolstackError(f"xenstore: {e}", 503) from e
+        if not fallback:
+            raise ToolstackError(
+                f"domain {rec.name!r} has no PV control interface (control/feature-{reason} "
+                f"not set): use -F to force it", 409)
+        vmm_call(rec.control, "shutdown", reason=reason,
+                 detail="forced: no PV control interface")
+        return "forced"
+
+    def _arm_fallback(self, live: _Live, reason: str, timeout: float) -> None:
+        def fire() -> None:
+            if live.gone.wait(timeout) or live.state.get("state") == "shutdown":
+                return
+            self.printk(f"d{live.rec.domid} ({live.rec.name}): no reaction to "
+                        f"control/shutdown within {timeout:g} s; forcing {reason}")
+            try:
+                vmm_call(live.rec.control, "shutdown", reason=reason,
+                         detail=f"forced after {timeout:g} s")
+            except ToolstackError:
+                pass
+        threading.Thread(target=fire, daemon=True).start()
+
+    # ----------------------------------------------------------------- queries
+    def domain_info(self, dom: str | int) -> dict:
+        live = self.lookup(dom)
+        if not live.rec.control:                    # its VMM is still building it
+            st = {"state": "paused", "paused": True, "building": True,
+                  "memory_mib": live.rec.config.get("memory", 0), "vcpus": []}
+        else:
+            try:
+                st = vmm_call(live.rec.control, "info", timeout=5)
+            except VmmGone:
+                st = dict(live.state, state="dying")
+        st.pop("ok", None)
+        return {"domid": live.rec.domid, "name": live.rec.name, "uuid": live.rec.uuid,
+                "config": live.rec.config, "console": live.rec.console, "pid": live.rec.pid,
+                "created": live.rec.created, "status": st}
+
+    def list_domains(self) -> list[dict]:
+        with self.lock:
+            ids = sorted(self.domains)
+        out = []
+        for domid in ids:
+            try:
+                out.append(self.domain_info(domid))
+            except ToolstackError:
+                continue                            # went away meanwhile
+        return out
+
+    def printk(self, msg: str) -> None:
+        """A line for ``dmesg`` (Xen's console ring), timestamped since pyxend start."""
+        self._dmesg.append(f"(XEN) [{time.time() - self.started:12.6f}] {msg}")
+        log.info("%s", msg)
+
+    def dmesg(self, clear: bool = False) -> list[str]:
+        lines = list(self._dmesg)
+        if clear:
+            self._dmesg.clear()
+        return lines
+
+
+def validate_config(config: dict) -> dict:
+    """A checked copy of a domain configuration (DomainSpec's keys). 400 names the key."""
+    if not isinstance(config, dict):
+        raise ToolstackError("config must be a JSON object", 400)
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ToolstackError(f"config key {unknown[0]!r}: unknown", 400)
+    cfg = dict(config)
+    name = cfg.get("name")
+    if not isinstance(name, str) or not name:
+        raise ToolstackError("config key 'name': a non-empty string is required", 400)
+    _check_name(name)
+    if cfg.setdefault("type", "pvh") != "pvh":
+        raise ToolstackError(f"config key 'type': {cfg['type']!r} is not supported (pvh)", 400)
+
+    def integer(key: str, default: int, lo: int, hi: int) -> int:
+        v = cfg.get(key)
+        v = default if v is None else v
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise ToolstackError(f"config key {key!r}: {v!r} is not an integer in "
+                                 f"{lo}..{hi}", 400)
+        cfg[key] = v
+        return v
+
+    mem = integer("memory", 128, 16, 65536)
+    integer("maxmem", mem, mem, 65536)
+    vcpus = integer("vcpus", 1, 1, 128)
+    integer("maxvcpus", vcpus, vcpus, 128)
+    kernel = cfg.get("kernel")
+    if not isinstance(kernel, str) or not kernel:
+        raise ToolstackError("config key 'kernel': a kernel path is required", 400)
+    for key in ("kernel", "ramdisk"):
+        path = cfg.get(key)
+        if path is None:
+            continue
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise ToolstackError(f"config key {key!r}: {path!r} is not an absolute path", 400)
+        if not os.path.isfile(path):
+            raise ToolstackError(f"config key {key!r}: {path}: no such file", 400)
+    if cfg.get("cmdline") is not None and not isinstance(cfg["cmdline"], str):
+        raise ToolstackError("config key 'cmdline': must be a string", 400)
+    for key, default in (("on_poweroff", "destroy"), ("on_reboot", "restart"),
+                         ("on_watchdog", "destroy"), ("on_crash", "destroy"),
+                         ("on_soft_reset", "soft-reset")):
+        v = cfg.setdefault(key, default)
+        if v not in ACTIONS:
+            raise ToolstackError(f"config key {key!r}: {v!r} is not one of "
+                                 f"{', '.join(ACTIONS)}", 400)
+    if cfg.setdefault("accel", "auto") not in ("auto", "kvm", "tcg"):
+        raise ToolstackError(f"config key 'accel': {cfg['accel']!r} is not auto, kvm or tcg",
+                             400)
+    if cfg.get("uuid") is not None:
+        try:
+            cfg["uuid"] = str(uuidlib.UUID(str(cfg["uuid"])))
+        except ValueError:
+            raise ToolstackError(f"config key 'uuid': {cfg['uuid']!r} is not a UUID",
+                                 400) from None
+    return cfg
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name) > 64 or any(c in _NAME_FORBIDDEN for c in name) \
+            or name.isdigit():
+        raise ToolstackError(f"domain name {name!r}: 1..64 characters, not all digits, "
+                             f"no '/', blanks or control characters", 400)
+
+
+def _xenstored_alive(path: str) -> bool:
+    try:
+        with XenstoreClient(path, timeout=2) as c:
+            c.read("/")
+        return True
+    except (OSError, ConnectionError):
+        return False
+    except XenstoreError:
+        return True
+
+
+def _read_or_none(xs: XenstoreClient, path: str) -> bytes | None:
+    try:
+        return xs.read(path)
+    except XenstoreError as e:
+        if e.name == "ENOENT":
+            return None
+        raise
+
+
+def _read_line(fd: int, timeout: float) -> bytes:
+    """One line from ``fd`` (a pipe), or what arrived before EOF/timeout."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            break
+        data = os.read(fd, 4096)
+        if not data:
+            break
+        buf += data
+    return buf.split(b"\n", 1)[0]

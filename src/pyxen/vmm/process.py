@@ -1,0 +1,434 @@
+"""The per-domain VMM process: one domain, its control socket and its console socket.
+
+pyxend starts ``python -m pyxen.vmm.process --spec FILE --ready-fd N`` in a new session, so
+the process outlives a pyxend restart. It builds the domain (the standalone xenstored serves
+the store ring), reports on the ready descriptor one JSON line -- ``{"ok": true, "pid": ..}``
+or ``{"ok": false, "error": "..."}`` -- and then serves, on one selector loop:
+
+* the **control socket** (``<run_dir>/<domid>.ctl``): newline-delimited JSON requests
+  ``{"op": ...}`` answered with ``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``
+  (:data:`OPS`). ``subscribe`` keeps the connection open and pushes
+  ``{"event": "state", ...}`` on every state change, starting with the current one.
+* the **console socket** (``<run_dir>/<domid>.console``): a raw byte stream to and from the
+  guest's hvc0 (xenconsoled's pty). Several clients may attach; all see the output.
+  Console output is also appended to ``<log_dir>/console-<domid>.log``.
+
+A guest that shuts down leaves the process in state ``shutdown`` until the toolstack decides
+(``destroy``, or nothing for ``preserve``). ``destroy`` (or SIGTERM) stops the vCPUs, removes
+the domain's xenstore subtree, releases it from xenstored and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyxen.errors import PyxenError
+from pyxen.vmm.builder import DomainConfig, Vmm, build
+from pyxen.xenstore.client import XenstoreClient
+from pyxen.xenstore.store import XenstoreError
+
+log = logging.getLogger("pyxen.vmm")
+
+#: SHUTDOWN_* codes (xen/include/public/sched.h) by pyxen's reason names
+REASON_CODES = {"poweroff": 0, "reboot": 1, "suspend": 2, "crash": 3, "watchdog": 4,
+                "soft_reset": 5}
+OPS = ("info", "pause", "unpause", "shutdown", "destroy", "rename", "subscribe")
+_CONSOLE_CLIENT_MAX = 1 << 20          # bytes queued for a console client before it is cut
+
+
+@dataclass
+class VmmSpec:
+    """What pyxend asks a VMM process to run. Memory in MiB."""
+
+    domid: int
+    name: str
+    kernel: str
+    run_dir: str
+    log_dir: str
+    xenstored: str
+    uuid: str
+    memory: int = 128
+    vcpus: int = 1
+    ramdisk: str | None = None
+    cmdline: str = ""
+    accel: str = "auto"
+    paused: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VmmSpec:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def control_path(self) -> str:
+        return os.path.join(self.run_dir, f"{self.domid}.ctl")
+
+    def console_path(self) -> str:
+        return os.path.join(self.run_dir, f"{self.domid}.console")
+
+
+@dataclass
+class _Peer:
+    sock: socket.socket
+    kind: str                                   # "ctl" | "console"
+    inbuf: bytearray = field(default_factory=bytearray)
+    out: bytearray = field(default_factory=bytearray)
+    subscribed: bool = False
+    closing: bool = False
+
+
+class VmmProcess:
+    """Runs one built domain; :meth:`serve` is the main loop (main thread)."""
+
+    def __init__(self, spec: VmmSpec, vmm: Vmm) -> None:
+        self.spec = spec
+        self.vmm = vmm
+        self.domain = vmm.domain
+        self.started = False
+        self.start_time = time.time()
+        self.sel = selectors.DefaultSelector()
+        self.peers: dict[int, _Peer] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self._console_pending = bytearray()
+        self._state_changed = False
+        self._exit = False
+        os.makedirs(spec.log_dir, exist_ok=True)
+        self._console_log = open(os.path.join(spec.log_dir, f"console-{spec.domid}.log"), "ab")
+        self.listeners = {}
+        for kind, path in (("ctl", spec.control_path()), ("console", spec.console_path())):
+            if os.path.exists(path):
+                os.unlink(path)
+            ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            ls.bind(path)
+            os.chmod(path, 0o600)
+            ls.listen(16)
+            ls.setblocking(False)
+            self.sel.register(ls, selectors.EVENT_READ, ("listen", kind))
+            self.listeners[kind] = ls
+        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self.domain.on_state_change.append(lambda _st: self._wake(state=True))
+
+    # ----------------------------------------------------------------- cross-thread input
+    def console_output(self, channel: str, data: bytes) -> None:
+        """Sink for the domain's output (vCPU / event threads)."""
+        with self._lock:
+            self._console_pending += data
+        self._wake()
+
+    def _wake(self, state: bool = False) -> None:
+        if state:
+            self._state_changed = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.start_time = time.time()
+            self.vmm.start()
+        else:
+            self.domain.unpause()
+
+    def serve(self) -> None:
+        while not self._exit:
+            for key, events in self.sel.select(1.0):
+                what, arg = key.data
+                if what == "listen":
+                    self._accept(key.fileobj, arg)     # type: ignore[arg-type]
+                elif what == "wake":
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    peer: _Peer = arg
+                    if events & selectors.EVENT_READ:
+                        self._read(peer)
+                    if events & selectors.EVENT_WRITE and peer.sock.fileno() >= 0:
+                        self._flush(peer)
+            self._pump_console()
+            if self._state_changed:
+                self._state_changed = False
+                self._broadcast_state()
+        self._teardown()
+
+    def request_exit(self) -> None:
+        self._exit = True
+        self._wake()
+
+    # ----------------------------------------------------------------- sockets
+    def _accept(self, ls: socket.socket, kind: str) -> None:
+        try:
+            sock, _ = ls.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        peer = _Peer(sock, kind)
+        self.peers[sock.fileno()] = peer
+        self.sel.register(sock, selectors.EVENT_READ, ("peer", peer))
+
+    def _read(self, peer: _Peer) -> None:
+        try:
+            data = peer.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(peer)
+            return
+        if peer.kind == "console":
+            self.vmm.console.send_input(data)
+            return
+        peer.inbuf += data
+        while b"\n" in peer.inbuf:
+            line, _, rest = bytes(peer.inbuf).partition(b"\n")
+            peer.inbuf[:] = rest
+            self._send(peer, self._control(peer, line))
+        if len(peer.inbuf) > 65536:
+            self._drop(peer)
+
+    def _send(self, peer: _Peer, obj: dict) -> None:
+        peer.out += json.dumps(obj).encode() + b"\n"
+        self._flush(peer)
+
+    def _flush(self, peer: _Peer) -> None:
+        if peer.out:
+            try:
+                n = peer.sock.send(peer.out)
+                del peer.out[:n]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._drop(peer)
+                return
+        if peer.kind == "console" and len(peer.out) > _CONSOLE_CLIENT_MAX:
+            self._drop(peer)                          # a stuck reader: cut it loose
+            return
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.out else 0)
+        try:
+            self.sel.modify(peer.sock, mask, ("peer", peer))
+        except (KeyError, ValueError):
+            pass
+
+    def _drop(self, peer: _Peer) -> None:
+        self.peers.pop(peer.sock.fileno(), None)
+        try:
+            self.sel.unregister(peer.sock)
+        except (KeyError, ValueError):
+            pass
+        peer.sock.close()
+
+    def _pump_console(self) -> None:
+        with self._lock:
+            data = bytes(self._console_pending)
+            self._console_pending.clear()
+        if not data:
+            return
+        self._console_log.write(data)
+        self._console_log.flush()
+        for peer in list(self.peers.values()):
+            if peer.kind == "console":
+                peer.out += data
+                self._flush(peer)
+
+    def _broadcast_state(self) -> None:
+        st = self.state()
+        for peer in list(self.peers.values()):
+            if peer.subscribed:
+                self._send(peer, {"event": "state", **st})
+
+    # ----------------------------------------------------------------- control requests
+    def _control(self, peer: _Peer, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+            op = req.get("op") if isinstance(req, dict) else None
+        except ValueError:
+            return {"ok": False, "error": "request is not JSON"}
+        if op not in OPS:
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        try:
+            return {"ok": True, **(getattr(self, f"_op_{op}")(peer, req) or {})}
+        except (PyxenError, ValueError, RuntimeError) as e:
+            return {"ok": False, "error": str(e)}
+
+    def _op_info(self, _peer: _Peer, _req: dict) -> dict:
+        return self.state()
+
+    def _op_subscribe(self, peer: _Peer, _req: dict) -> dict:
+        peer.subscribed = True
+        return self.state()
+
+    def _op_pause(self, _peer: _Peer, _req: dict) -> None:
+        st = self.domain.runstate.state
+        if st not in ("running", "paused"):
+            raise ValueError(f"domain {self.domain.name} is {st}")
+        if self.started:
+            self.domain.pause()
+
+    def _op_unpause(self, _peer: _Peer, _req: dict) -> None:
+        st = self.domain.runstate.state
+        if st not in ("running", "paused"):
+            raise ValueError(f"domain {self.domain.name} is {st}")
+        self.start()
+
+    def _op_shutdown(self, _peer: _Peer, req: dict) -> None:
+        """Forced shutdown (the toolstack's fallback when the guest ignores control/shutdown)."""
+        reason = req.get("reason", "poweroff")
+        if reason not in REASON_CODES:
+            raise ValueError(f"unknown shutdown reason {reason!r}")
+        self.domain.shutdown(reason, req.get("detail", "forced by the toolstack"))
+
+    def _op_destroy(self, _peer: _Peer, _req: dict) -> None:
+        self._exit = True
+
+    def _op_rename(self, _peer: _Peer, req: dict) -> None:
+        name = req.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("rename needs a non-empty name")
+        self.domain.name = name
+        self.spec.name = name
+
+    def state(self) -> dict:
+        d = self.domain
+        rs = d.runstate
+        vcpus = []
+        for v in d.vcpus:
+            vcpus.append({"id": v.index, "online": v.online, "blocked": v.blocked,
+                          "cpu_time_ns": v.cpu_time_ns})
+        running = rs.state == "running" and self.started
+        all_blocked = running and all(v.blocked for v in d.vcpus if v.online)
+        return {
+            "domid": d.domid, "name": d.name, "pid": os.getpid(),
+            "state": rs.state if self.started or rs.state != "paused" else "paused",
+            "reason": rs.reason, "detail": rs.detail,
+            "reason_code": REASON_CODES.get(rs.reason) if rs.state == "shutdown" else None,
+            "running": running and not all_blocked, "blocked": all_blocked,
+            "paused": rs.state == "paused", "memory_mib": self.spec.memory,
+            "vcpus": vcpus, "cpu_time_ns": sum(v.cpu_time_ns for v in d.vcpus),
+            "start_time": self.start_time,
+        }
+
+    # ----------------------------------------------------------------- teardown
+    def _teardown(self) -> None:
+        log.info("d%d: destroying", self.domain.domid)
+        for peer in list(self.peers.values()):
+            if peer.subscribed:
+                try:
+                    peer.sock.setblocking(True)
+                    peer.sock.settimeout(1.0)
+                    peer.sock.sendall(json.dumps({"event": "destroyed"}).encode() + b"\n")
+                except OSError:
+                    pass
+            self._drop(peer)
+        for kind, ls in self.listeners.items():
+            ls.close()
+        for path in (self.spec.control_path(), self.spec.console_path()):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.vmm.destroy()
+        release_domain(self.spec.xenstored, self.spec.domid, self.spec.uuid)
+        self._console_log.close()
+
+
+def release_domain(xenstored: str, domid: int, vm_uuid: str | None) -> None:
+    """Remove a domain's xenstore subtree and release it (libxl's destroy step). Idempotent;
+    failures are logged, never raised (xenstored may be gone)."""
+    try:
+        with XenstoreClient(xenstored, timeout=5) as c:
+            for path in (f"/local/domain/{domid}", f"/libxl/{domid}",
+                         f"/vm/{vm_uuid}" if vm_uuid else None):
+                if path:
+                    try:
+                        c.rm(path)
+                    except XenstoreError as e:
+                        if e.name != "ENOENT":
+                            raise
+            try:
+                c.release(domid)
+            except XenstoreError as e:
+                if e.name != "ENOENT":
+                    raise
+    except (OSError, ConnectionError, XenstoreError) as e:
+        log.warning("d%d: xenstore clean-up failed: %s", domid, e)
+
+
+def _report(fd: int | None, obj: dict) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, json.dumps(obj).encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pyxen-vmm", description=__doc__.split("\n")[0])
+    ap.add_argument("--spec", required=True, help="JSON file with the VmmSpec")
+    ap.add_argument("--ready-fd", type=int, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s pyxen-vmm[%(process)d] %(levelname)s %(message)s")
+    ready = args.ready_fd
+    try:
+        spec = VmmSpec.from_dict(json.loads(Path(args.spec).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        _report(ready, {"ok": False, "error": f"{args.spec}: {e}"})
+        return 1
+    holder: dict = {}
+    modules = [(spec.ramdisk, "")] if spec.ramdisk else []
+    cfg = DomainConfig(kernel=spec.kernel, name=spec.name, memory=spec.memory,
+                       vcpus=spec.vcpus, cmdline=spec.cmdline, modules=modules,
+                       accel=spec.accel, domid=spec.domid, xenstored=spec.xenstored,
+                       uuid=spec.uuid)
+    try:
+        vmm = build(cfg, stream=lambda ch, data: holder["p"].console_output(ch, data)
+                    if "p" in holder else None)
+        os.makedirs(spec.run_dir, exist_ok=True)
+        proc = VmmProcess(spec, vmm)
+    except (PyxenError, OSError) as e:
+        release_domain(spec.xenstored, spec.domid, spec.uuid)
+        _report(ready, {"ok": False, "error": str(e)})
+        return 1
+    holder["p"] = proc
+    _set_console_tty(spec)
+    signal.signal(signal.SIGTERM, lambda *_: proc.request_exit())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if not spec.paused:
+        proc.start()
+    log.info("d%d (%s): built in %.0f ms%s", spec.domid, spec.name, vmm.build_ms,
+             " (paused)" if spec.paused else "")
+    _report(ready, {"ok": True, "pid": os.getpid(), "control": spec.control_path(),
+                    "console": spec.console_path()})
+    proc.serve()
+    return 0
+
+
+def _set_console_tty(spec: VmmSpec) -> None:
+    """``console/tty``: where ``console`` attaches (libxl writes the pty path there)."""
+    try:
+        with XenstoreClient(spec.xenstored, timeout=5) as c:
+            c.write(f"/local/domain/{spec.domid}/console/tty", spec.console_path())
+    except (OSError, ConnectionError, XenstoreError) as e:
+        log.warning("d%d: cannot record console/tty: %s", spec.domid, e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

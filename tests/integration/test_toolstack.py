@@ -1,0 +1,262 @@
+"""The toolstack as a user drives it: ``pyxen create examples/debian.cfg``, ``list``, ``console``,
+``shutdown -w``, ``reboot`` with ``on_reboot="restart"``, a pyxend restart under a running
+domain, the API's JSON errors, and a guest's xenstore permission denial through its ring.
+
+Everything runs in private directories (``PYXEN_*`` and ``XENSTORED_PATH``), so the CLI
+starts its own pyxend, which starts its own xenstored; both are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.tcg
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBIAN_CFG = ROOT / "examples" / "debian.cfg"
+ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([-rbpscwSd?]{6})\s+(\d+\.\d)$")
+
+
+class Host:
+    """One private pyxen installation: environment, CLI runner, API helper."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.env = dict(os.environ, PYXEN_RUN_DIR=f"{base}/run", PYXEN_STATE_DIR=f"{base}/st",
+                        PYXEN_LOG_DIR=f"{base}/log", XENSTORED_PATH=f"{base}/run/xs.sock")
+        self.env.pop("PYXEN_SOCKET", None)
+
+    def px(self, *args: str, check: bool = True, timeout: float = 120,
+           stdin: str | None = None) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "pyxen.cli.main", *args], env=self.env,
+                           input=stdin, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"pyxen {' '.join(args)} -> {r.returncode}\n{r.stderr}"
+                                 f"\n--- pyxend log:\n{self.log('pyxend.log')}")
+        return r
+
+    def log(self, name: str) -> str:
+        try:
+            return Path(self.base, "log", name).read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+        import http.client
+
+        class Conn(http.client.HTTPConnection):
+            def connect(conn) -> None:  # noqa: N805
+                conn.sock = socket.socket(socket.AF_UNIX)
+                conn.sock.connect(f"{self.base}/run/pyxend.sock")
+        c = Conn("localhost", timeout=60)
+        c.request(method, path, body=json.dumps(body) if body is not None else None,
+                  headers={"Content-Type": "application/json"})
+        resp = c.getresponse()
+        data = resp.read()
+        c.close()
+        return resp.status, json.loads(data) if data else None
+
+    def rows(self) -> dict[str, tuple]:
+        out = self.px("list").stdout.splitlines()
+        assert out[0] == "Name" + " " * 40 + "ID   Mem VCPUs\tState\tTime(s)"
+        rows = {}
+        for line in out[1:]:
+            m = ROW.match(line)
+            assert m, f"not an xl list row: {line!r}"
+            rows[m.group(1)] = m.groups()
+        return rows
+
+    def console(self, name: str, script: str, expect: str, timeout: float = 60) -> str:
+        """Type ``script`` on the domain's console; the output up to ``expect``."""
+        info = self.api("GET", f"/v1/domains/{name}")[1]
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(info["console"])
+        s.settimeout(timeout)
+        s.sendall(script.encode())
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while expect.encode() not in buf and time.monotonic() < deadline:
+            data = s.recv(65536)
+            if not data:
+                break
+            buf += data
+        s.close()
+        text = buf.decode(errors="replace")
+        assert expect in text, f"console never showed {expect!r}:\n{text[-2000:]}"
+        return text
+
+    def wait_for(self, pred, timeout: float = 60, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}\n{self.log('pyxend.log')}")
+
+    def shutdown_all(self) -> None:
+        try:
+            st, info = self.api("GET", "/v1/info")
+        except OSError:
+            info = None
+        if isinstance(info, dict):
+            for d in self.api("GET", "/v1/domains")[1]:
+                if d["domid"]:
+                    self.api("DELETE", f"/v1/domains/{d['domid']}")
+            os.kill(info["pyxend_pid"], signal.SIGTERM)
+        subprocess.run(["pkill", "-f", self.base], check=False)
+
+
+@pytest.fixture(scope="module")
+def host():
+    from pyxen.errors import PyxenError
+    from pyxen.image.build import ensure_image, publish
+    try:
+        publish(ensure_image())
+    except PyxenError as e:
+        pytest.skip(f"guest image unavailable: {e}")
+    base = tempfile.mkdtemp(prefix="pxts-", dir="/tmp")   # short: AF_UNIX paths <= 107
+    h = Host(base)
+    yield h
+    h.shutdown_all()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _boot_prompt(host: Host, name: str) -> None:
+    host.wait_for(lambda: host.api("GET", f"/v1/domains/{name}")[1].get("console"), 60,
+                  f"{name}'s console")
+    host.console(name, "\necho READY-$((40+2))\n", "READY-42")
+
+
+def test_create_list_console_shutdown(host):
+    r = host.px("create", str(DEBIAN_CFG), 'accel="tcg"')
+    assert "started one" in r.stderr                # the CLI started pyxend, and said so
+    assert re.search(r"domain debian created \(id (\d+)\)", r.stderr)
+    rows = host.rows()
+    assert rows["Domain-0"][1] == "0"
+    name, domid, mem, vcpus, state, _t = rows["debian"]
+    assert (mem, vcpus) == ("256", "1") and state[2:] == "----" and state[:2] in ("r-", "-b")
+    # the console reaches the guest's shell
+    out = host.console("debian", "\nuname -r; cat /sys/hypervisor/type\n", "\nxen")
+    assert "cloud-amd64" in out
+    # xenstore: the libxl tree, read by Debian's xenstore-read through XENSTORED_PATH
+    xs = subprocess.run(["xenstore-read", f"/local/domain/{domid}/name"], env=host.env,
+                        capture_output=True, text=True, timeout=10)
+    assert xs.stdout.strip() == "debian", xs.stderr
+    # a clean power-off through control/shutdown and the guest's cooperation
+    r = host.px("shutdown", "-w", "debian", timeout=90)
+    assert f"Domain {domid} has been shut down, reason code 0" in r.stderr
+    assert "debian" not in host.rows()
+    dmesg = host.px("dmesg").stdout
+    assert "poweroff requested via xenstore" in dmesg
+    assert re.search(r"shut down, reason poweroff \(ACPI S5\); action destroy", dmesg)
+    # destroyed domains leave nothing in xenstore
+    ls = subprocess.run(["xenstore-ls", "/local/domain"], env=host.env, capture_output=True,
+                        text=True, timeout=10)
+    assert f"\n{domid} " not in "\n" + ls.stdout
+
+
+def test_reboot_restarts_the_domain(host):
+    host.px("create", "-q", str(DEBIAN_CFG), 'accel="tcg"', 'name="rb"')
+    first = host.rows()["rb"][1]
+    _boot_prompt(host, "rb")
+    host.px("reboot", "-w", "rb", timeout=90)
+    host.wait_for(lambda: "rb" in host.rows() and host.rows()["rb"][1] != first, 60,
+                  "the restarted domain")
+    second = host.rows()["rb"][1]
+    assert int(second) > int(first)
+    _boot_prompt(host, "rb")                       # the new incarnation boots to its shell
+    assert "action restart" in host.px("dmesg").stdout
+    host.px("destroy", "rb")
+    assert "rb" not in host.rows()
+
+
+def test_pyxend_restart_keeps_running_domains(host):
+    host.px("create", "-q", str(DEBIAN_CFG), 'accel="tcg"', 'name="keep"')
+    _boot_prompt(host, "keep")
+    before = host.rows()["keep"]
+    pid = host.api("GET", "/v1/info")[1]["pyxend_pid"]
+    os.kill(pid, signal.SIGTERM)
+    host.wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20, "pyxend to exit")
+    after = host.rows()["keep"]                      # `list` starts a new pyxend
+    assert after[1] == before[1]
+    assert host.api("GET", "/v1/info")[1]["pyxend_pid"] != pid
+    _boot_prompt(host, "keep")                      # same guest, still alive
+    host.px("pause", "keep")
+    assert host.rows()["keep"][4][2] == "p"
+    host.px("unpause", "keep")
+    host.px("rename", "keep", "kept")
+    assert host.px("domid", "kept").stdout.strip() == before[1]
+    assert host.px("domname", before[1]).stdout.strip() == "kept"
+    vl = host.px("vcpu-list", "kept").stdout.splitlines()
+    assert vl[0].startswith("Name") and re.match(rf"kept\s+{before[1]}\s+0\s", vl[1])
+    assert re.match(r"Name\s+ID Uptime", host.px("uptime").stdout)
+    host.px("destroy", "kept")
+
+
+def test_guest_permission_denial_through_its_ring(host):
+    """A domU's own xenbus device (a real client) is refused a dom0-owned node and may write
+    its data/ directory; served by the standalone xenstored over the guest's ring."""
+    host.px("create", "-q", str(DEBIAN_CFG), 'accel="tcg"', 'name="perm"')
+    _boot_prompt(host, "perm")
+    domid = host.rows()["perm"][1]
+    script = (
+        "xs() { len=$(( ${#2} + 1 + ${#3} )); exec 3<>/dev/xen/xenbus; "
+        "printf \"\\\\$(printf %03o $1)\\\\000\\\\000\\\\000\\\\001\\\\000\\\\000\\\\000"
+        "\\\\000\\\\000\\\\000\\\\000\\\\$(printf %03o $len)\\\\000\\\\000\\\\000$2\\\\000$3\" >&3; "
+        "dd bs=4096 count=1 <&3 2>/dev/null | tail -c +17 | tr '\\\\0' ' '; echo; "
+        "exec 3<&-; }\n"
+        "echo W1=$(xs 11 name evil)\necho W2=$(xs 11 data/x hello)\necho DONE-PERM\n")
+    out = host.console("perm", script, "DONE-PERM\r\n")
+    assert "W1=EACCES" in out and "W2=OK" in out, out
+    rd = lambda p: subprocess.run(["xenstore-read", p], env=host.env, capture_output=True,  # noqa: E731
+                                  text=True, timeout=10).stdout.strip()
+    assert rd(f"/local/domain/{domid}/name") == "perm"
+    assert rd(f"/local/domain/{domid}/data/x") == "hello"
+    host.px("destroy", "perm")
+
+
+def test_config_error_names_file_and_line(host, tmp_path):
+    bad = tmp_path / "bad.cfg"
+    bad.write_text('name = "x"\nmemory = "lots"\n')
+    r = host.px("create", str(bad), check=False)
+    assert r.returncode != 0
+    assert f"{bad}:2:" in r.stderr and "memory" in r.stderr
+    syntax = tmp_path / "syntax.cfg"
+    syntax.write_text('name = "y"\nvcpus = = 2\n')
+    r = host.px("create", str(syntax), check=False)
+    assert r.returncode != 0 and f"{syntax}:2:" in r.stderr
+
+
+def test_api_errors_are_json_naming_the_fault(host):
+    host.px("list")                                    # pyxend is up
+    st, body = host.api("GET", "/v1/domains/nosuch")
+    assert st == 404 and body == {"error": "domain 'nosuch' does not exist"}
+    st, body = host.api("POST", "/v1/domains", {"config": {"name": "m", "memory": "x",
+                                                           "kernel": "/bin/true"}})
+    assert st == 400 and "'memory'" in body["error"]
+    st, body = host.api("POST", "/v1/domains", {"config": {"name": "k",
+                                                           "kernel": "/no/such/vmlinuz"}})
+    assert st == 400 and "/no/such/vmlinuz" in body["error"]
+    st, body = host.api("POST", "/v1/domains", {"config": {"name": "k", "kernel": "/bin/true",
+                                                           "on_reboot": "explode"}})
+    assert st == 400 and "on_reboot" in body["error"] and "explode" in body["error"]
+    st, body = host.api("POST", "/v1/domains", {"config": {"name": "k", "kernel": "/bin/true"}})
+    assert st == 400 and "'k'" in body["error"]          # not a kernel: the build fails
+    st, doc = host.api("GET", "/openapi.json")
+    assert st == 200 and "/v1/domains" in doc["paths"]
+    assert "k" not in host.rows()
+    info = host.px("info").stdout
+    assert re.search(rf"^xenstored_socket\s+: {host.base}/run/xs.sock$", info, re.M)
+    assert re.search(r"^xen_version\s+: 4\.17", info, re.M)
