@@ -205,6 +205,22 @@ def test_pyxend_restart_keeps_running_domains(host):
     host.px("destroy", "kept")
 
 
+def test_crash_is_preserved_until_destroyed(host):
+    """examples/debian.cfg keeps a crashed domain (on_crash = "preserve"): xl shows it as
+    shut down with reason crash until it is destroyed."""
+    host.px("create", "-q", str(DEBIAN_CFG), 'accel="tcg"', 'name="boom"')
+    _boot_prompt(host, "boom")
+    info = host.api("GET", "/v1/domains/boom")[1]
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(info["console"])
+    s.sendall(b"echo c > /proc/sysrq-trigger\n")
+    host.wait_for(lambda: host.rows()["boom"][4] == "---sc-", 60, "the crashed state")
+    s.close()
+    assert "reason crash" in host.px("dmesg").stdout
+    host.px("destroy", "boom")
+    assert "boom" not in host.rows()
+
+
 def test_guest_permission_denial_through_its_ring(host):
     """A domU's own xenbus device (a real client) is refused a dom0-owned node and may write
     its data/ directory; served by the standalone xenstored over the guest's ring."""
