@@ -243,6 +243,35 @@ def test_guest_permission_denial_through_its_ring(host):
     host.px("destroy", "perm")
 
 
+def test_xenstored_restart_under_a_running_guest(host):
+    """Kill -9 xenstored: pyxend starts it again from its state file, the VMM introduces the
+    domain again, and the guest's xenbus (watches included) keeps working."""
+    host.px("create", "-q", str(DEBIAN_CFG), 'accel="tcg"', 'name="xsr"')
+    _boot_prompt(host, "xsr")
+    domid = host.rows()["xsr"][1]
+    subprocess.run(["xenstore-write", "/tool/marker", "kept"], env=host.env, check=True,
+                   timeout=10)
+    time.sleep(0.5)                                  # past the snapshot delay
+    pids = subprocess.run(["pgrep", "-f", f"xenstored --socket {host.env['XENSTORED_PATH']}"],
+                          capture_output=True, text=True).stdout.split()
+    assert len(pids) == 1, pids
+    os.kill(int(pids[0]), signal.SIGKILL)
+
+    def back() -> bool:
+        r = subprocess.run(["xenstore-read", "/tool/marker"], env=host.env,
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() == "kept"
+    host.wait_for(back, 30, "xenstored to come back with its state")
+    rd = subprocess.run(["xenstore-read", f"/local/domain/{domid}/name"], env=host.env,
+                        capture_output=True, text=True, timeout=10)
+    assert rd.stdout.strip() == "xsr"
+    assert "starting it again" in host.px("dmesg").stdout
+    # control/shutdown still reaches the guest: its watch survived the restart
+    r = host.px("shutdown", "-w", "xsr", "--timeout", "60", timeout=90)
+    assert "reason code 0" in r.stderr
+    assert "forcing" not in host.px("dmesg").stdout
+
+
 def test_config_error_names_file_and_line(host, tmp_path):
     bad = tmp_path / "bad.cfg"
     bad.write_text('name = "x"\nmemory = "lots"\n')

@@ -46,6 +46,7 @@ log = logging.getLogger("pyxen.pyxend")
 
 READY_TIMEOUT = 120.0                  # s for a VMM to build its domain
 SHUTDOWN_TIMEOUT = 60.0                # s a guest has to honour control/shutdown (fallback)
+XENSTORED_CHECK = 1.0                  # s between xenstored liveness checks
 ACTION_KEYS = {"poweroff": "on_poweroff", "reboot": "on_reboot", "crash": "on_crash",
                "watchdog": "on_watchdog", "soft_reset": "on_soft_reset"}
 _NAME_FORBIDDEN = set("/\0\n\t ")
@@ -77,6 +78,8 @@ class Pyxend:
         self.xenstored_pid: int | None = None
         if start_xenstored:
             self.ensure_xenstored()
+            threading.Thread(target=self._supervise_xenstored, daemon=True,
+                             name="xenstored-supervisor").start()
         self._adopt()
 
     # ----------------------------------------------------------------- xenstored
@@ -102,6 +105,19 @@ class Pyxend:
                 return
             time.sleep(0.05)
         raise ToolstackError(f"xenstored did not come up on {sock}", 503)
+
+    def _supervise_xenstored(self) -> None:
+        """Start xenstored again if it dies (its state file keeps the store; the VMMs
+        introduce their domains again)."""
+        while True:
+            time.sleep(XENSTORED_CHECK)
+            if _xenstored_alive(self.paths.xenstored_socket):
+                continue
+            self.printk("xenstored is not answering; starting it again")
+            try:
+                self.ensure_xenstored()
+            except ToolstackError as e:
+                self.printk(f"xenstored restart failed: {e}")
 
     # ----------------------------------------------------------------- registry
     def _adopt(self) -> None:

@@ -232,11 +232,14 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
         link = StoreLink(cfg.xenstored, cfg.domid, mem, layout.XENSTORE_PFN, store_port,
                          ev.set_pending)
         ev.bind_backend(store_port, link.guest_notified)
+        client = None
         try:
-            with XenstoreClient(cfg.xenstored) as client:
-                populate_domain(client, **tree)
-                link.introduce(client)
+            client = XenstoreClient(cfg.xenstored)
+            populate_domain(client, **tree)
+            link.introduce(client)                 # the link keeps the connection
         except (OSError, ConnectionError, XenstoreError) as e:
+            if client is not None:
+                client.close()
             link.close()
             raise XenstoredUnavailable(f"xenstored at {cfg.xenstored}: {e}") from e
     else:

@@ -9,7 +9,11 @@ page and binds the event channel:
 * ``notify``, an eventfd xenstored signals to raise the guest's store port; a thread here
   turns each signal into ``set_pending`` on the port.
 
-Owner: the domain builder creates one per domain; :meth:`close` stops the thread and closes
+The link keeps its introducing connection open. When xenstored goes away (a restart), it
+reconnects and introduces the domain again with the same descriptors; xenstored restores the
+store from its state file and the domain's watches with it, so the guest carries on.
+
+Owner: the domain builder creates one per domain; :meth:`close` stops the threads and closes
 the descriptors (xenstored keeps its own copies until XS_RELEASE).
 """
 
@@ -18,9 +22,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from pyxen.core.memory import PAGE, GuestMemory
 from pyxen.xenstore.client import XenstoreClient
+from pyxen.xenstore.store import XenstoreError
 
 log = logging.getLogger("pyxen.vmm")
 
@@ -43,6 +49,7 @@ class StoreLink:
         self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.notify_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self._closed = False
+        self._client: XenstoreClient | None = None
         self._thread = threading.Thread(target=self._pump, name=f"xs-notify-d{domid}",
                                         daemon=True)
         self._thread.start()
@@ -55,9 +62,44 @@ class StoreLink:
             pass
 
     def introduce(self, client: XenstoreClient) -> None:
-        """XS_INTRODUCE with the descriptors: xenstored starts serving the ring."""
+        """XS_INTRODUCE with the descriptors on ``client``, which the link then owns: it stays
+        open so that a xenstored restart is noticed (and the domain introduced again)."""
         client.introduce(self.domid, self.mfn, self.port,
                          fds=(self._memfd, self.kick_fd, self.notify_fd))
+        self._client = client
+        threading.Thread(target=self._supervise, name=f"xs-link-d{self.domid}",
+                         daemon=True).start()
+
+    def _supervise(self) -> None:
+        while not self._closed:
+            try:
+                self._client.sock.settimeout(None)
+                while self._client.sock.recv(4096):
+                    pass                               # nothing is expected; EOF = restart
+            except OSError:
+                pass
+            self._client.close()
+            if self._closed:
+                return
+            log.warning("d%d: xenstored at %s went away; re-introducing the domain",
+                        self.domid, self.path)
+            while not self._closed:
+                try:
+                    client = XenstoreClient(self.path, timeout=5)
+                except OSError:
+                    time.sleep(0.25)
+                    continue
+                try:
+                    client.introduce(self.domid, self.mfn, self.port,
+                                     fds=(self._memfd, self.kick_fd, self.notify_fd))
+                except (OSError, ConnectionError, XenstoreError) as e:
+                    log.warning("d%d: re-introduction failed: %s", self.domid, e)
+                    client.close()
+                    time.sleep(0.25)
+                    continue
+                self._client = client
+                self.guest_notified()                 # requests written meanwhile
+                break
 
     def _pump(self) -> None:
         while True:
@@ -73,6 +115,11 @@ class StoreLink:
         if self._closed:
             return
         self._closed = True
+        if self._client is not None:
+            try:
+                self._client.sock.shutdown(2)
+            except OSError:
+                pass
         try:
             os.eventfd_write(self.notify_fd, 1)
         except OSError:

@@ -104,8 +104,17 @@ class XenstoredDaemon:
         self.socket_path = Path(socket_path)
         self.state_path = Path(state_path) if state_path else None
         store = None
+        #: watches of introduced domains from the state file, re-armed when each domain is
+        #: introduced again (its VMM reconnects after a xenstored restart)
+        self.saved_watches: dict[int, list[tuple[str, bytes]]] = {}
         if self.state_path and self.state_path.is_file():
-            store = Store.from_dict(json.loads(self.state_path.read_text()))
+            state = json.loads(self.state_path.read_text())
+            if "store" in state:                   # {"store": ..., "domain_watches": ...}
+                self.saved_watches = {
+                    int(d): [(p, t.encode("latin-1")) for p, t in ws]
+                    for d, ws in state.get("domain_watches", {}).items()}
+                state = state["store"]
+            store = Store.from_dict(state)
             log.info("xenstored: state loaded from %s", self.state_path)
         self.server = XenstoreServer(store, on_release=self._release_ring)
         self.rings: dict[int, _DomainRing] = {}
@@ -239,7 +248,10 @@ class XenstoredDaemon:
             # re-introduction: drop the old ring's connection, keep the domain introduced
             for c in [c for c in self.server.connections if c.domid == domid]:
                 self.server.disconnect(c)
-        dr.ring = XenstoreRing(dr.view, dr.raise_event, self.server.connect(domid))
+        conn = self.server.connect(domid)
+        for path, token in self.saved_watches.pop(domid, []):
+            self.server.restore_watch(conn, path, token)
+        dr.ring = XenstoreRing(dr.view, dr.raise_event, conn)
         log.info("xenstored: dom%d introduced (store page %d)", domid, mfn)
         dr.ring.notified()                         # requests queued before we mapped
         return True
@@ -257,6 +269,7 @@ class XenstoredDaemon:
         self._mark_dirty()                          # the guest's requests are not inspected
 
     def _release_ring(self, domid: int) -> None:
+        self.saved_watches.pop(domid, None)
         dr = self.rings.pop(domid, None)
         if dr is not None:
             self._unregister_ring(dr)
@@ -315,7 +328,13 @@ class XenstoredDaemon:
             return
         tmp = self.state_path.with_suffix(".tmp")
         with self.server.lock:
-            data = json.dumps(self.server.store.to_dict())
+            watches = {str(domid): [(w.path, w.token.decode("latin-1"))
+                                    for w in dr.ring.conn.watches.values()]
+                       for domid, dr in self.rings.items() if dr.ring is not None}
+            for domid, ws in self.saved_watches.items():
+                watches.setdefault(str(domid), [(p, t.decode("latin-1")) for p, t in ws])
+            data = json.dumps({"store": self.server.store.to_dict(),
+                               "domain_watches": watches})
         tmp.write_text(data)
         os.replace(tmp, self.state_path)
 

@@ -445,6 +445,17 @@ class XenstoreServer:
         ctx.direct.append((conn, Message(XS_WATCH_EVENT, 0, 0, path.encode() + b"\0" + token + b"\0")))
         return OK
 
+    def restore_watch(self, conn: Connection, path: str, token: bytes) -> None:
+        """Re-arm a watch the connection had before a restart (no initial event, no reply:
+        the client already has both). Invalid entries are skipped."""
+        with self.lock:
+            try:
+                absp = self.store.canonical(conn.domid, path, special_ok=True)
+            except XenstoreError:
+                return
+            conn.watches[(absp, token)] = Watch(path, token, absp,
+                                                not path.startswith(("/", "@")))
+
     def _alloc_tx_id(self, conn: Connection) -> int:
         while True:
             tid = self._next_tx
