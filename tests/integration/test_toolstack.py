@@ -272,7 +272,26 @@ def test_xenstored_restart_under_a_running_guest(host):
     assert "forcing" not in host.px("dmesg").stdout
 
 
+def test_create_paused_then_console(host):
+    """``create -p`` leaves the domain paused (``--p---``, no CPU time used); ``unpause``
+    starts it; ``console`` then reaches its shell."""
+    host.px("create", "-q", "-p", str(DEBIAN_CFG), 'accel="tcg"', 'name="pz"')
+    row = host.rows()["pz"]
+    assert row[4] == "--p---" and row[5] == "0.0"
+    time.sleep(1)
+    assert host.rows()["pz"][5] == "0.0"
+    host.px("unpause", "pz")
+    _boot_prompt(host, "pz")
+    r = host.px("console", "pz", stdin="echo CON-$((2*21))\n", timeout=30)
+    assert "CON-42" in r.stdout                # piped input: leaves once the guest is quiet
+    host.px("destroy", "pz")
+    assert "pz" not in host.rows()
+
+
 def test_config_error_names_file_and_line(host, tmp_path):
+    running = host.px("create", "-q", str(DEBIAN_CFG), 'accel="tcg"', 'name="bystander"')
+    assert running.returncode == 0
+    before = host.rows()["bystander"][:2]
     bad = tmp_path / "bad.cfg"
     bad.write_text('name = "x"\nmemory = "lots"\n')
     r = host.px("create", str(bad), check=False)
@@ -282,6 +301,12 @@ def test_config_error_names_file_and_line(host, tmp_path):
     syntax.write_text('name = "y"\nvcpus = = 2\n')
     r = host.px("create", str(syntax), check=False)
     assert r.returncode != 0 and f"{syntax}:2:" in r.stderr
+    clash = tmp_path / "clash.cfg"                  # a valid file naming a running domain
+    clash.write_text(DEBIAN_CFG.read_text().replace('"debian"', '"bystander"'))
+    r = host.px("create", str(clash), check=False)
+    assert r.returncode != 0 and "'bystander' is already in use" in r.stderr
+    assert host.rows()["bystander"][:2] == before    # untouched by all of the above
+    host.px("destroy", "bystander")
 
 
 def test_api_errors_are_json_naming_the_fault(host):

@@ -28,6 +28,7 @@ from pyxen.toolstack.registry import CONFIG_KEYS
 
 DETACH = b"\x1d"                       # Ctrl-]
 WAIT_POLL = 0.2
+EOF_GRACE = 1.0                        # s of console silence after stdin's EOF before leaving
 
 
 # ----------------------------------------------------------------------------- create
@@ -308,7 +309,9 @@ def _console(api: ApiClient, domid: int) -> int:
     with raw_terminal(fd_in):
         while True:
             rl = [s] + ([fd_in] if stdin_open else [])
-            r, _, _ = select.select(rl, [], [])
+            r, _, _ = select.select(rl, [], [], None if stdin_open else EOF_GRACE)
+            if not r:
+                break                            # input ended and the guest went quiet
             if s in r:
                 data = s.recv(65536)
                 if not data:
@@ -318,7 +321,7 @@ def _console(api: ApiClient, domid: int) -> int:
             if stdin_open and fd_in in r:
                 data = os.read(fd_in, 4096)
                 if not data:
-                    stdin_open = False           # keep showing output until the guest ends
+                    stdin_open = False           # show the answer, then leave when quiet
                     continue
                 if DETACH in data:
                     data = data[:data.index(DETACH)]
