@@ -32,13 +32,14 @@ import selectors
 import socket
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from pyxen.xenstore.ring import XenstoreRing
 from pyxen.xenstore.server import Connection, XenstoreServer
 from pyxen.xenstore.store import Store
 from pyxen.xenstore.wire import (XS_INTRODUCE, XS_MKDIR, XS_RELEASE, XS_RM, XS_SET_PERMS,
-                                 XS_TRANSACTION_END, XS_WRITE, Message, MessageParser,
+                                 XS_TRANSACTION_END, XS_WATCH_EVENT, XS_WRITE, Message, MessageParser,
                                  ProtocolError, pack, split_strings)
 
 log = logging.getLogger("pyxen.xenstored")
@@ -49,6 +50,7 @@ _MUTATING = {XS_WRITE, XS_MKDIR, XS_RM, XS_SET_PERMS, XS_TRANSACTION_END, XS_INT
 
 
 _MAX_FDS = 8
+OUTPUT_MAX_MESSAGES = 65536            # queued for one socket client before it is dropped
 #: changes reach the state file within this many seconds (at once when the loop goes idle)
 SNAPSHOT_DELAY = 0.1
 
@@ -58,7 +60,9 @@ class _Client:
         self.sock = sock
         self.conn = conn
         self.parser = MessageParser()
-        self.out = bytearray()
+        self.out = bytearray()                     # packed bytes being sent
+        self.pending: deque[Message] = deque()     # not yet packed (events coalesce here)
+        self.queued_events: set[bytes] = set()     # payloads of the watch events in pending
         self.fds: list[int] = []                   # received with SCM_RIGHTS, not yet used
 
 
@@ -194,12 +198,11 @@ class XenstoredDaemon:
         if not data:
             self._drop(client)
             return
+        broken: ProtocolError | None = None
         try:
             msgs = client.parser.feed(data)
         except ProtocolError as e:
-            log.info("xenstored: dropping a client: %s", e)
-            self._drop(client)
-            return
+            msgs, broken = e.messages, e
         changed = False
         for m in msgs:
             if m.type == XS_INTRODUCE and client.fds:
@@ -207,10 +210,21 @@ class XenstoredDaemon:
                     continue                       # answered with an error
             client.conn.handle(m)
             changed |= m.type in _MUTATING
-        self._close_fds(client)                    # descriptors not claimed by INTRODUCE
+        if not client.parser.pending:              # none may belong to a partial message
+            self._close_fds(client)                # descriptors not claimed by INTRODUCE
+        elif len(client.fds) > _MAX_FDS:
+            broken = broken or ProtocolError("too many descriptors without a message")
         self._flush_all()
         if changed:
             self._mark_dirty()
+        if broken is not None:
+            log.info("xenstored: dropping a client: %s", broken)
+            if client.out:                          # the replies to what came before, best
+                try:                                # effort: never block the loop
+                    client.sock.send(client.out)
+                except OSError:
+                    pass
+            self._drop(client)
 
     # ------------------------------------------------------------------ guest rings
     def _introduce_ring(self, client: _Client, m: Message) -> bool:
@@ -288,14 +302,30 @@ class XenstoredDaemon:
         client.fds.clear()
 
     def _flush_all(self) -> None:
-        """Move every connection's queued messages to its socket buffer (watch events)."""
+        """Queue every connection's new messages for its socket and send what fits. A watch
+        event identical to one still queued is dropped (as xenstored's send_event), so a
+        client that stops reading holds at most one copy of each event; one that still
+        exceeds OUTPUT_MAX_MESSAGES queued messages is disconnected."""
         for c in list(self.clients.values()):
             for m in c.conn.outgoing():
-                c.out += pack(m)
-            if c.out:
+                if m.type == XS_WATCH_EVENT:
+                    if m.payload in c.queued_events:
+                        continue
+                    c.queued_events.add(m.payload)
+                c.pending.append(m)
+            if len(c.pending) > OUTPUT_MAX_MESSAGES:
+                log.warning("xenstored: a client stopped reading (%d messages queued); "
+                            "dropping it", len(c.pending))
+                self._drop(c)
+            elif c.pending or c.out:
                 self._write(c)
 
     def _write(self, client: _Client) -> None:
+        while len(client.out) < 65536 and client.pending:
+            m = client.pending.popleft()
+            if m.type == XS_WATCH_EVENT:
+                client.queued_events.discard(m.payload)
+            client.out += pack(m)
         try:
             n = client.sock.send(client.out)
             del client.out[:n]
@@ -304,7 +334,8 @@ class XenstoredDaemon:
         except OSError:
             self._drop(client)
             return
-        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.out else 0)
+        busy = client.out or client.pending
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if busy else 0)
         self.sel.modify(client.sock, mask, client)
 
     def _drop(self, client: _Client) -> None:

@@ -137,6 +137,8 @@ class XenstoreRing:
                 try:
                     msgs = self.parser.feed(data)
                 except ProtocolError as e:
+                    for m in e.messages:
+                        self.conn.handle(m)
                     self._break(XENSTORE_ERROR_PROTO, str(e))
                     return signal
                 for m in msgs:

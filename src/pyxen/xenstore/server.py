@@ -332,21 +332,24 @@ class XenstoreServer:
             conn.transactions.clear()
             return OK
         if t == XS_TRANSACTION_START:
-            if msg.tx_id:
+            if msg.tx_id:                          # as xenstored: looked up first
+                if msg.tx_id not in conn.transactions:
+                    raise XenstoreError("ENOENT", "no such transaction")
                 raise XenstoreError("EBUSY", "nested transaction")
-            if d != 0 and len(conn.transactions) >= self.store.quota.transactions_per_domain:
+            # C xenstored refuses only beyond the quota (count > quota): a domU gets quota+1
+            if d != 0 and len(conn.transactions) > self.store.quota.transactions_per_domain:
                 raise XenstoreError("ENOSPC", "transaction quota")
             tid = self._alloc_tx_id(conn)
             base = self.store.copy()
             conn.transactions[tid] = Transaction(tid, base, base.copy(track=True))
             return f"{tid}\0".encode()
         if t == XS_TRANSACTION_END:
+            arg = _onearg(p)                       # argument first, as xenstored
+            if arg not in ("T", "F"):
+                raise XenstoreError("EINVAL", "TRANSACTION_END needs T or F")
             tx = conn.transactions.get(msg.tx_id)
             if tx is None:
                 raise XenstoreError("ENOENT", "no such transaction")
-            arg = _onearg(p)
-            if arg not in ("T", "F"):
-                raise XenstoreError("EINVAL", "TRANSACTION_END needs T or F")
             del conn.transactions[msg.tx_id]
             if arg == "T":
                 if self.store.conflicts(tx.base, tx.work):
@@ -390,8 +393,8 @@ class XenstoreServer:
                 raise XenstoreError("EINVAL", "SET_TARGET needs domid and target")
             self.store.targets[_domid(_decode(args[0]))] = _domid(_decode(args[1]))
             return OK
-        if t in (XS_WATCH_EVENT, XS_ERROR):
-            raise XenstoreError("EINVAL", "server-only message type")
+        if t in (XS_WATCH_EVENT, XS_ERROR):       # server-only types: no handler, as in C
+            raise XenstoreError("ENOSYS", "server-only message type")
         raise XenstoreError("ENOSYS", f"unsupported type {t}")
 
     @staticmethod
@@ -438,7 +441,7 @@ class XenstoreServer:
         key = (absp, token)
         if key in conn.watches:
             raise XenstoreError("EEXIST", "duplicate watch")
-        if conn.domid != 0 and len(conn.watches) >= self.store.quota.watches_per_domain:
+        if conn.domid != 0 and len(conn.watches) > self.store.quota.watches_per_domain:
             raise XenstoreError("E2BIG", "watch quota")
         conn.watches[key] = Watch(path, token, absp, not path.startswith(("/", "@")))
         # the initial event: path exactly as registered

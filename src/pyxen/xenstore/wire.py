@@ -82,7 +82,13 @@ class Message:
 
 class ProtocolError(Exception):
     """The peer violated the wire protocol (payload longer than XENSTORE_PAYLOAD_MAX).
-    The connection cannot be resynchronised and must be dropped."""
+    The connection cannot be resynchronised and must be dropped -- after handling
+    ``messages``, the complete messages that came before the bad header (as xenstored,
+    which reads one message at a time)."""
+
+    def __init__(self, message: str, messages: list[Message] | None = None) -> None:
+        super().__init__(message)
+        self.messages = messages or []
 
 
 def pack(msg: Message) -> bytes:
@@ -113,7 +119,8 @@ class MessageParser:
             typ, req_id, tx_id, length = HEADER.unpack_from(self._buf)
             if length > XENSTORE_PAYLOAD_MAX:
                 self.broken = True
-                raise ProtocolError(f"payload length {length} exceeds {XENSTORE_PAYLOAD_MAX}")
+                raise ProtocolError(f"payload length {length} exceeds {XENSTORE_PAYLOAD_MAX}",
+                                    out)
             if len(self._buf) < HEADER_SIZE + length:
                 break
             payload = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + length])
