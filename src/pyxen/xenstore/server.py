@@ -56,8 +56,8 @@ class Watch:
 @dataclass
 class Transaction:
     id: int
-    base: Store        # snapshot at start (never modified)
-    work: Store        # tracked copy the transaction's requests run against
+    work: Store        # tracked copy of the store at start; the transaction's requests run
+                       # against it, and it remembers what each touched path held then
     events: list[Event] = field(default_factory=list)
 
 
@@ -340,8 +340,7 @@ class XenstoreServer:
             if d != 0 and len(conn.transactions) > self.store.quota.transactions_per_domain:
                 raise XenstoreError("ENOSPC", "transaction quota")
             tid = self._alloc_tx_id(conn)
-            base = self.store.copy()
-            conn.transactions[tid] = Transaction(tid, base, base.copy(track=True))
+            conn.transactions[tid] = Transaction(tid, self.store.copy(track=True))
             return f"{tid}\0".encode()
         if t == XS_TRANSACTION_END:
             arg = _onearg(p)                       # argument first, as xenstored
@@ -352,7 +351,7 @@ class XenstoreServer:
                 raise XenstoreError("ENOENT", "no such transaction")
             del conn.transactions[msg.tx_id]
             if arg == "T":
-                if self.store.conflicts(tx.base, tx.work):
+                if self.store.conflicts(tx.work):
                     raise XenstoreError("EAGAIN", "transaction conflict")
                 self.store.apply(tx.work)
                 ctx.events.extend(tx.events)

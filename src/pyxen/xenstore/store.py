@@ -117,8 +117,9 @@ class Store:
     targets: dict[int, int] = field(default_factory=dict)   # domid -> SET_TARGET domid
     special: dict[str, Perms] = field(
         default_factory=lambda: {p: (("n", 0),) for p in SPECIAL_PATHS})
-    # transaction tracking (None outside a transaction's working copy)
-    accessed: set[str] | None = None
+    # transaction tracking (None outside a transaction's working copy): every path the
+    # transaction touched, with what it held when first touched (the start snapshot's value)
+    accessed: dict[str, object] | None = None
     modified: set[str] | None = None
 
     def __post_init__(self) -> None:
@@ -129,10 +130,17 @@ class Store:
     # ----------------------------------------------------------------- infrastructure
 
     def copy(self, track: bool = False) -> Store:
-        """Shallow snapshot (nodes are immutable). ``track``: record accessed/modified paths."""
+        """Shallow snapshot (nodes are immutable). ``track``: record accessed/modified paths
+        (with their values as first seen, which :meth:`conflicts` compares against)."""
         return Store(self.quota, dict(self.nodes), self.generation, dict(self.entries),
                      dict(self.targets), dict(self.special),
-                     set() if track else None, set() if track else None)
+                     {} if track else None, set() if track else None)
+
+    def _seen(self, path: str) -> None:
+        """Record ``path``'s value before a tracked copy first reads or changes it."""
+        acc = self.accessed
+        if acc is not None and path not in acc:
+            acc[path] = self.special.get(path) if path[0] == "@" else self.nodes.get(path)
 
     def perm_for(self, domid: int, perms: Perms) -> int:
         """READ|WRITE|OWNER bits ``domid`` holds under ``perms``."""
@@ -161,8 +169,7 @@ class Store:
         return path
 
     def _get(self, path: str) -> Node | None:
-        if self.accessed is not None:
-            self.accessed.add(path)
+        self._seen(path)
         return self.nodes.get(path)
 
     def _next_gen(self) -> int:
@@ -170,20 +177,20 @@ class Store:
         return self.generation
 
     def _put(self, path: str, node: Node) -> None:
+        self._seen(path)
         old = self.nodes.get(path)
         if old is not None:
             self.entries[old.owner] = self.entries.get(old.owner, 0) - 1
         self.entries[node.owner] = self.entries.get(node.owner, 0) + 1
         self.nodes[path] = node
         if self.modified is not None:
-            self.accessed.add(path)             # type: ignore[union-attr]
             self.modified.add(path)
 
     def _del(self, path: str) -> None:
+        self._seen(path)
         old = self.nodes.pop(path)
         self.entries[old.owner] = self.entries.get(old.owner, 0) - 1
         if self.modified is not None:
-            self.accessed.add(path)             # type: ignore[union-attr]
             self.modified.add(path)
 
     def _lookup(self, domid: int, path: str, need: int) -> Node:
@@ -323,8 +330,7 @@ class Store:
         return [format_perm(x) for x in perms]
 
     def _special(self, p: str) -> Perms:
-        if self.accessed is not None:
-            self.accessed.add(p)
+        self._seen(p)
         perms = self.special.get(p)
         if perms is None:
             raise XenstoreError("ENOENT", p)
@@ -357,14 +363,13 @@ class Store:
 
     # ----------------------------------------------------------------- transactions
 
-    def conflicts(self, base: Store, work: Store) -> bool:
-        """True if a path ``work`` (a tracked copy of ``base``) accessed changed here since."""
+    def conflicts(self, work: Store) -> bool:
+        """True if a path ``work`` (a tracked copy of this store) accessed changed here since
+        the copy was taken (nodes are immutable: identity is the test)."""
         assert work.accessed is not None
-        for p in work.accessed:
-            if p[0] == "@":
-                if self.special.get(p) is not base.special.get(p):
-                    return True
-            elif self.nodes.get(p) is not base.nodes.get(p):
+        for p, first in work.accessed.items():
+            now = self.special.get(p) if p[0] == "@" else self.nodes.get(p)
+            if now is not first:
                 return True
         return False
 
