@@ -25,14 +25,14 @@ import struct
 import termios
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import pytest
 
 from pyxen.xenstore import wire as W
 from pyxen.xenstore.daemon import XenstoredDaemon
-from pyxen.xenstore.wire import HEADER, Message, MessageParser, pack
+from pyxen.testing.xswire import XsWireClient
+from pyxen.xenstore.wire import HEADER, Message, pack
 
 OK = b"OK\0"
 SEED = {"/seed/a": b"alpha", "/seed/b/c": b"\x00\xff binary\x00", "/seed/perm": b"p"}
@@ -49,93 +49,14 @@ def write_payload(path: str, value: bytes) -> bytes:
 
 # ----------------------------------------------------------------------------- clients
 
-class Closed(Exception):
-    """The daemon closed the connection."""
-
-
-class XsClient:
-    """Synchronous xs_wire client on the daemon's socket; watch events are set aside."""
-
-    def __init__(self, path: Path, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.parser = MessageParser()
-        self.replies: deque[Message] = deque()
-        self.events: list[tuple[bytes, bytes]] = []
-        self.req_id = 0
-
-    def raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def send(self, typ: int, payload: bytes = b"", tx: int = 0) -> int:
-        self.req_id += 1
-        self.raw(pack(Message(typ, self.req_id, tx, payload)))
-        return self.req_id
-
-    def pump(self) -> None:
-        data = self.sock.recv(1 << 16)
-        if not data:
-            raise Closed()
-        for m in self.parser.feed(data):
-            if m.type == W.XS_WATCH_EVENT:
-                assert (m.req_id, m.tx_id) == (0, 0), m
-                path, token = W.split_strings(m.payload)
-                self.events.append((path, token))
-            else:
-                self.replies.append(m)
-
-    def reply(self, req_id: int) -> Message:
-        while not self.replies:
-            self.pump()
-        m = self.replies.popleft()
-        assert m.req_id == req_id, (m, req_id)
-        return m
-
-    def call(self, typ: int, payload: bytes = b"", tx: int = 0) -> Message:
-        m = self.reply(self.send(typ, payload, tx))
-        assert m.tx_id == tx, m
-        return m
-
-    def ok(self, typ: int, payload: bytes = b"", tx: int = 0) -> bytes:
-        m = self.call(typ, payload, tx)
-        assert m.type == typ, (W.TYPE_NAMES.get(typ, typ), payload[:80], m)
-        return m.payload
-
-    def err(self, typ: int, payload: bytes = b"", tx: int = 0) -> str:
-        m = self.call(typ, payload, tx)
-        assert m.type == W.XS_ERROR and m.payload.endswith(b"\0"), (payload[:80], m)
-        return m.payload[:-1].decode()
+class XsClient(XsWireClient):
+    """The shared raw client plus this file's shorthands."""
 
     def read(self, path: str) -> bytes:
         return self.ok(W.XS_READ, z(path))
 
     def write(self, path: str, value: bytes, tx: int = 0) -> None:
         assert self.ok(W.XS_WRITE, write_payload(path, value), tx) == OK
-
-    def sync(self) -> list[tuple[bytes, bytes]]:
-        """Round trip; every event queued for us before it has then arrived."""
-        assert self.ok(W.XS_GET_DOMAIN_PATH, z("0")) == z("/local/domain/0")
-        ev, self.events = self.events, []
-        return ev
-
-    def expect_closed(self, timeout: float = 10.0) -> bytes:
-        """Wait for the daemon to close us; returns whatever arrived before the close."""
-        got = b""
-        deadline = time.monotonic() + timeout
-        self.sock.settimeout(timeout)
-        while time.monotonic() < deadline:
-            try:
-                data = self.sock.recv(1 << 16)
-            except (ConnectionResetError, BrokenPipeError):
-                return got
-            if not data:
-                return got
-            got += data
-        raise AssertionError("the daemon did not close the connection")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Guest:

@@ -34,10 +34,8 @@ What the model follows (docs/misc/xenstore.txt, matching store.py/server.py):
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import threading
-from collections import deque
 from dataclasses import dataclass, field, replace
 from itertools import count
 from pathlib import Path
@@ -48,7 +46,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from pyxen.xenstore import wire as W
 from pyxen.xenstore.daemon import XenstoredDaemon
-from pyxen.xenstore.wire import Message, MessageParser, pack
+from pyxen.testing.xswire import XsWireClient
 
 NCONN = 3
 PATHS = ["/", "/a", "/a/b", "/a/b/c", "/a/d", "/e", "/e/f/g"]
@@ -61,70 +59,6 @@ BOGUS_TX = 0xDEADBEEF
 
 def z(*parts: str | bytes) -> bytes:
     return W.join_strings(*parts)
-
-
-# ----------------------------------------------------------------------------- wire client
-
-class Closed(Exception):
-    """The daemon closed the connection."""
-
-
-class XsClient:
-    """A synchronous xs_wire client on one unix socket. Replies are matched by req_id (the
-    daemon answers in order); XS_WATCH_EVENT messages are set aside in :attr:`events`."""
-
-    def __init__(self, path: Path, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.parser = MessageParser()
-        self.replies: deque[Message] = deque()
-        self.events: list[tuple[bytes, bytes]] = []
-        self.req_id = 0
-
-    def send(self, typ: int, payload: bytes = b"", tx: int = 0) -> int:
-        self.req_id += 1
-        self.sock.sendall(pack(Message(typ, self.req_id, tx, payload)))
-        return self.req_id
-
-    def _pump(self) -> None:
-        data = self.sock.recv(1 << 16)
-        if not data:
-            raise Closed()
-        for m in self.parser.feed(data):
-            if m.type == W.XS_WATCH_EVENT:
-                assert (m.req_id, m.tx_id) == (0, 0), m
-                parts = W.split_strings(m.payload)
-                assert len(parts) == 2 and m.payload.endswith(b"\0"), m
-                self.events.append((parts[0], parts[1]))
-            else:
-                self.replies.append(m)
-
-    def reply(self, req_id: int) -> Message:
-        while not self.replies:
-            self._pump()
-        m = self.replies.popleft()
-        assert m.req_id == req_id, (m, req_id)
-        return m
-
-    def call(self, typ: int, payload: bytes = b"", tx: int = 0) -> Message:
-        m = self.reply(self.send(typ, payload, tx))
-        assert m.tx_id == tx, m
-        return m
-
-    def ok(self, typ: int, payload: bytes = b"", tx: int = 0) -> bytes:
-        m = self.call(typ, payload, tx)
-        assert m.type == typ, (W.TYPE_NAMES.get(typ), m)
-        return m.payload
-
-    def sync(self) -> list[tuple[bytes, bytes]]:
-        """A round trip; afterwards every event queued for us before it has arrived."""
-        assert self.ok(W.XS_GET_DOMAIN_PATH, z("0")) == z("/local/domain/0")
-        ev, self.events = self.events, []
-        return ev
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # ----------------------------------------------------------------------------- the model
@@ -316,7 +250,7 @@ class XenstoredSocketMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="pyxen-xsm-"))
         self.daemon: XenstoredDaemon | None = None
         self.thread: threading.Thread | None = None
-        self.clients: list[XsClient] = []
+        self.clients: list[XsWireClient] = []
         self._start()
         self.live = MStore(self._read_tree(self.clients[0]))
         self.vers = count(1)
@@ -332,7 +266,7 @@ class XenstoredSocketMachine(RuleBasedStateMachine):
         self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)
         self.thread.start()
         assert self.daemon.ready.wait(5)
-        self.clients = [XsClient(self.dir / "socket") for _ in range(NCONN)]
+        self.clients = [XsWireClient(self.dir / "socket") for _ in range(NCONN)]
 
     def _stop(self) -> None:
         for c in self.clients:
@@ -353,7 +287,7 @@ class XenstoredSocketMachine(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
     @staticmethod
-    def _read_tree(cl: XsClient) -> dict[str, MNode]:
+    def _read_tree(cl: XsWireClient) -> dict[str, MNode]:
         nodes: dict[str, MNode] = {}
         stack = ["/"]
         while stack:
@@ -551,7 +485,7 @@ class XenstoredSocketMachine(RuleBasedStateMachine):
     def reconnect(self, c):
         """Close one socket (its watches and open transactions die) and open a new one."""
         self.clients[c].close()
-        self.clients[c] = XsClient(self.dir / "socket")
+        self.clients[c] = XsWireClient(self.dir / "socket")
         self.watches[c].clear()
         self.txs[c].clear()
 
