@@ -169,24 +169,19 @@ def cmd_uptime(args: argparse.Namespace) -> int:
 
 
 def cmd_vcpu_list(args: argparse.Namespace) -> int:
-    from pyxen.toolstack.xlformat import VcpuRow, format_vcpu_list
+    from pyxen.toolstack.xlformat import VcpuRow, format_vcpu_list, vcpu_state
     rows = []
     ncpu = os.cpu_count() or 1
     for d in _domains(connect(), args.domains):
         st = d.get("status", {})
+        running = st.get("state") == "running"         # a paused domain's vCPUs: neither
         for v in st.get("vcpus", []):
             online = bool(v.get("online"))
-            if not online:
-                state = "---"
-            elif st.get("state") == "paused":
-                state = "--p"
-            elif v.get("blocked") or st.get("state") != "running":
-                state = "-b-"
-            else:
-                state = "r--"
-            rows.append(VcpuRow(name=d["name"], domid=d["domid"], vcpu=v["id"],
-                                cpu=(v["id"] % ncpu) if online else None, state=state,
-                                time_s=v.get("cpu_time_ns", 0) / 1e9, hard="all", soft="all"))
+            blocked = running and bool(v.get("blocked"))
+            rows.append(VcpuRow.from_ns(
+                d["name"], d["domid"], v["id"], (v["id"] % ncpu) if online else None,
+                vcpu_state(online=online, running=running and not blocked, blocked=blocked),
+                v.get("cpu_time_ns", 0)))
     sys.stdout.write(format_vcpu_list(rows))
     return 0
 
