@@ -12,13 +12,12 @@ import http.client
 import json
 import os
 import socket
-import subprocess
 import sys
-import time
 from urllib.parse import quote
 
 from pyxen.errors import ToolstackError
 from pyxen.toolstack.paths import Paths
+from pyxen.toolstack.spawn import start_detached, wait_until_up
 
 START_TIMEOUT = 30.0
 
@@ -92,19 +91,8 @@ def connect(paths: Paths | None = None, autostart: bool = True) -> ApiClient:
         return client
     os.makedirs(paths.log_dir, exist_ok=True)
     logpath = os.path.join(paths.log_dir, "pyxend.log")
-    with open(logpath, "ab") as log:
-        p = subprocess.Popen([sys.executable, "-m", "pyxen.toolstack.api"],
-                             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                             start_new_session=True)
+    p = start_detached([sys.executable, "-m", "pyxen.toolstack.api"], logpath)
     print(f"pyxen: no pyxend was running; started one (pid {p.pid}, API {paths.socket}, "
           f"log {logpath})", file=sys.stderr)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if client.alive():
-            return client
-        if p.poll() is not None:
-            raise ToolstackError(f"pyxend exited with status {p.returncode}; see {logpath}",
-                                 503)
-        time.sleep(0.05)
-    raise ToolstackError(f"pyxend did not answer on {paths.socket} within "
-                         f"{START_TIMEOUT:g} s; see {logpath}", 503)
+    wait_until_up(p, client.alive, START_TIMEOUT, "pyxend", paths.socket, logpath)
+    return client

@@ -157,10 +157,10 @@ def host_facts(daemon: Pyxend) -> dict:
     from pyxen.toolstack.xlformat import gather_host_info
     from pyxen.xen.domain import XEN_VERSION
     from pyxen.xen.hypercalls.version import EXTRAVERSION
-    guest_mib = sum(int(d["config"].get("memory", 0)) for d in daemon.list_domains())
     info = gather_host_info(xen_version=(XEN_VERSION[0], XEN_VERSION[1], EXTRAVERSION.decode()),
                             xenstored_socket=daemon.paths.xenstored_socket,
-                            guest_memory_mib=guest_mib, pyxend_socket=daemon.paths.socket)
+                            guest_memory_mib=daemon.guest_memory_mib(),
+                            pyxend_socket=daemon.paths.socket)
     return {**asdict(info), "pyxend_pid": os.getpid(), "domains": len(daemon.domains)}
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pyxen.errors import ToolstackError
 from pyxen.toolstack.paths import Paths
 from pyxen.toolstack.registry import CONFIG_KEYS, DomainRecord, Registry
+from pyxen.toolstack.spawn import start_detached, wait_until_up
 from pyxen.toolstack.vmmctl import VmmControl, VmmGone, vmm_call
 from pyxen.toolstack.xlcfg import ACTIONS
 from pyxen.vmm.process import release_domain
@@ -47,6 +48,7 @@ log = logging.getLogger("pyxen.pyxend")
 READY_TIMEOUT = 120.0                  # s for a VMM to build its domain
 SHUTDOWN_TIMEOUT = 60.0                # s a guest has to honour control/shutdown (fallback)
 XENSTORED_CHECK = 1.0                  # s between xenstored liveness checks
+XENSTORED_START_TIMEOUT = 15.0
 ACTION_KEYS = {"poweroff": "on_poweroff", "reboot": "on_reboot", "crash": "on_crash",
                "watchdog": "on_watchdog", "soft_reset": "on_soft_reset"}
 _NAME_FORBIDDEN = set("/\0\n\t ")
@@ -75,7 +77,6 @@ class Pyxend:
         self.started = time.time()
         self._dmesg: deque[str] = deque(maxlen=4000)
         self._incarnations: dict[str, int] = {}
-        self.xenstored_pid: int | None = None
         if start_xenstored:
             self.ensure_xenstored()
             threading.Thread(target=self._supervise_xenstored, daemon=True,
@@ -88,23 +89,12 @@ class Pyxend:
         sock = self.paths.xenstored_socket
         if _xenstored_alive(sock):
             return
-        logf = open(os.path.join(self.paths.log_dir, "xenstored.log"), "ab")
-        p = subprocess.Popen([sys.executable, "-m", "pyxen.cli.main", "xenstored",
-                              "--socket", sock, "--state", self.paths.xenstored_state],
-                             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                             start_new_session=True)
-        logf.close()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                raise ToolstackError(f"xenstored exited with status {p.returncode}; see "
-                                     f"{self.paths.log_dir}/xenstored.log", 503)
-            if _xenstored_alive(sock):
-                self.xenstored_pid = p.pid
-                self.printk(f"xenstored started (pid {p.pid}, socket {sock})")
-                return
-            time.sleep(0.05)
-        raise ToolstackError(f"xenstored did not come up on {sock}", 503)
+        logpath = os.path.join(self.paths.log_dir, "xenstored.log")
+        p = start_detached([sys.executable, "-m", "pyxen.cli.main", "xenstored",
+                            "--socket", sock, "--state", self.paths.xenstored_state], logpath)
+        wait_until_up(p, lambda: _xenstored_alive(sock), XENSTORED_START_TIMEOUT,
+                      "xenstored", sock, logpath)
+        self.printk(f"xenstored started (pid {p.pid}, socket {sock})")
 
     def _supervise_xenstored(self) -> None:
         """Start xenstored again if it dies (its state file keeps the store; the VMMs
@@ -184,16 +174,13 @@ class Pyxend:
         spec_path.write_text(json.dumps(spec))
         self.registry.save(rec)
         r, w = os.pipe()
-        logf = open(os.path.join(self.paths.log_dir, f"vmm-{rec.domid}.log"), "ab")
         try:
-            proc = subprocess.Popen(
+            proc = start_detached(
                 [sys.executable, "-m", "pyxen.vmm.process", "--spec", str(spec_path),
                  "--ready-fd", str(w)],
-                pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                start_new_session=True)
+                os.path.join(self.paths.log_dir, f"vmm-{rec.domid}.log"), pass_fds=(w,))
         finally:
             os.close(w)
-            logf.close()
         try:
             line = _read_line(r, READY_TIMEOUT)
         finally:
@@ -251,8 +238,8 @@ class Pyxend:
     def _on_shutdown(self, live: _Live, ev: dict) -> None:
         rec = live.rec
         reason = ev.get("reason") or "poweroff"
-        action = rec.config.get(ACTION_KEYS.get(reason, ""), "preserve") \
-            if reason in ACTION_KEYS else "preserve"
+        key = ACTION_KEYS.get(reason)              # suspend has no action: it stays
+        action = rec.config.get(key, "preserve") if key else "preserve"
         self.printk(f"d{rec.domid} ({rec.name}): shut down, reason {reason}"
                     f"{' (' + ev['detail'] + ')' if ev.get('detail') else ''}; "
                     f"action {action}")
@@ -327,7 +314,7 @@ class Pyxend:
         base = f"/local/domain/{rec.domid}/control"
         try:
             with XenstoreClient(self.paths.xenstored_socket) as xs:
-                feature = _read_or_none(xs, f"{base}/feature-{reason}")
+                feature = xs.try_read(f"{base}/feature-{reason}")
                 if feature == b"1":
                     xs.write(f"{base}/shutdown", reason)
                     if fallback:
@@ -372,6 +359,11 @@ class Pyxend:
         return {"domid": live.rec.domid, "name": live.rec.name, "uuid": live.rec.uuid,
                 "config": live.rec.config, "console": live.rec.console, "pid": live.rec.pid,
                 "created": live.rec.created, "status": st}
+
+    def guest_memory_mib(self) -> int:
+        """Memory given to all domains (their configurations), MiB."""
+        with self.lock:
+            return sum(int(lv.rec.config.get("memory", 0)) for lv in self.domains.values())
 
     def list_domains(self) -> list[dict]:
         with self.lock:
@@ -472,15 +464,6 @@ def _xenstored_alive(path: str) -> bool:
         return False
     except XenstoreError:
         return True
-
-
-def _read_or_none(xs: XenstoreClient, path: str) -> bytes | None:
-    try:
-        return xs.read(path)
-    except XenstoreError as e:
-        if e.name == "ENOENT":
-            return None
-        raise
 
 
 def _read_line(fd: int, timeout: float) -> bytes:

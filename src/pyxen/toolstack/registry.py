@@ -67,7 +67,7 @@ class Registry:
                 pass
 
     def load_all(self) -> list[DomainRecord]:
-        """Every readable record; unreadable ones are skipped (named in the error list)."""
+        """Every readable record; unreadable ones are skipped."""
         out = []
         for p in sorted(self.dir.glob("*.json")):
             if p.name.endswith(".spec.json"):

@@ -35,14 +35,14 @@ from pathlib import Path
 
 from pyxen.errors import PyxenError
 from pyxen.vmm.builder import DomainConfig, Vmm, build
+from pyxen.xen.abi import xen as X
 from pyxen.xenstore.client import XenstoreClient
 from pyxen.xenstore.store import XenstoreError
 
 log = logging.getLogger("pyxen.vmm")
 
 #: SHUTDOWN_* codes (xen/include/public/sched.h) by pyxen's reason names
-REASON_CODES = {"poweroff": 0, "reboot": 1, "suspend": 2, "crash": 3, "watchdog": 4,
-                "soft_reset": 5}
+REASON_CODES = {name: code for code, name in X.SHUTDOWN_NAMES.items()}
 OPS = ("info", "pause", "unpause", "shutdown", "destroy", "rename", "subscribe")
 _CONSOLE_CLIENT_MAX = 1 << 20          # bytes queued for a console client before it is cut
 
@@ -273,17 +273,18 @@ class VmmProcess:
         peer.subscribed = True
         return self.state()
 
-    def _op_pause(self, _peer: _Peer, _req: dict) -> None:
+    def _require_live(self) -> None:
         st = self.domain.runstate.state
         if st not in ("running", "paused"):
             raise ValueError(f"domain {self.domain.name} is {st}")
+
+    def _op_pause(self, _peer: _Peer, _req: dict) -> None:
+        self._require_live()
         if self.started:
             self.domain.pause()
 
     def _op_unpause(self, _peer: _Peer, _req: dict) -> None:
-        st = self.domain.runstate.state
-        if st not in ("running", "paused"):
-            raise ValueError(f"domain {self.domain.name} is {st}")
+        self._require_live()
         self.start()
 
     def _op_shutdown(self, _peer: _Peer, req: dict) -> None:
@@ -314,7 +315,7 @@ class VmmProcess:
         all_blocked = running and all(v.blocked for v in d.vcpus if v.online)
         return {
             "domid": d.domid, "name": d.name, "pid": os.getpid(),
-            "state": rs.state if self.started or rs.state != "paused" else "paused",
+            "state": rs.state,
             "reason": rs.reason, "detail": rs.detail,
             "reason_code": REASON_CODES.get(rs.reason) if rs.state == "shutdown" else None,
             "running": running and not all_blocked, "blocked": all_blocked,

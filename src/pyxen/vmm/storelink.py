@@ -64,11 +64,14 @@ class StoreLink:
     def introduce(self, client: XenstoreClient) -> None:
         """XS_INTRODUCE with the descriptors on ``client``, which the link then owns: it stays
         open so that a xenstored restart is noticed (and the domain introduced again)."""
-        client.introduce(self.domid, self.mfn, self.port,
-                         fds=(self._memfd, self.kick_fd, self.notify_fd))
+        self._introduce_on(client)
         self._client = client
         threading.Thread(target=self._supervise, name=f"xs-link-d{self.domid}",
                          daemon=True).start()
+
+    def _introduce_on(self, client: XenstoreClient) -> None:
+        client.introduce(self.domid, self.mfn, self.port,
+                         fds=(self._memfd, self.kick_fd, self.notify_fd))
 
     def _supervise(self) -> None:
         while not self._closed:
@@ -90,8 +93,7 @@ class StoreLink:
                     time.sleep(0.25)
                     continue
                 try:
-                    client.introduce(self.domid, self.mfn, self.port,
-                                     fds=(self._memfd, self.kick_fd, self.notify_fd))
+                    self._introduce_on(client)
                 except (OSError, ConnectionError, XenstoreError) as e:
                     log.warning("d%d: re-introduction failed: %s", self.domid, e)
                     client.close()

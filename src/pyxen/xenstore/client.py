@@ -116,14 +116,17 @@ class XenstoreClient:
     def rm(self, path: str, tx: int = 0) -> None:
         self.request(XS_RM, join_strings(path), tx)
 
-    def exists(self, path: str) -> bool:
+    def try_read(self, path: str, tx: int = 0) -> bytes | None:
+        """The value, or None if the node does not exist."""
         try:
-            self.read(path)
-            return True
+            return self.read(path, tx)
         except XenstoreError as e:
             if e.name == "ENOENT":
-                return False
+                return None
             raise
+
+    def exists(self, path: str) -> bool:
+        return self.try_read(path) is not None
 
     def directory(self, path: str, tx: int = 0) -> list[str]:
         return [p.decode() for p in split_strings(self.request(XS_DIRECTORY,

@@ -39,8 +39,8 @@ from pyxen.xenstore.ring import XenstoreRing
 from pyxen.xenstore.server import Connection, XenstoreServer
 from pyxen.xenstore.store import Store
 from pyxen.xenstore.wire import (XS_INTRODUCE, XS_MKDIR, XS_RELEASE, XS_RM, XS_SET_PERMS,
-                                 XS_TRANSACTION_END, XS_WATCH_EVENT, XS_WRITE, Message, MessageParser,
-                                 ProtocolError, pack, split_strings)
+                                 XS_TRANSACTION_END, XS_WATCH_EVENT, XS_WRITE, Message,
+                                 MessageParser, ProtocolError, pack, split_strings)
 
 log = logging.getLogger("pyxen.xenstored")
 
@@ -69,14 +69,13 @@ class _Client:
 class _DomainRing:
     """One introduced domain's store page, mapped from its memfd, and its two eventfds."""
 
-    def __init__(self, domid: int, mm: mmap.mmap, offset: int, kick_fd: int,
-                 notify_fd: int) -> None:
+    def __init__(self, domid: int, mm: mmap.mmap, kick_fd: int, notify_fd: int) -> None:
         self.domid = domid
         self.mm = mm
         self.kick_fd = kick_fd                     # the VMM signals: the guest notified us
         self.notify_fd = notify_fd                 # we signal: raise the guest's store port
         self.ring: XenstoreRing | None = None
-        self.view = memoryview(mm)[offset:offset + 4096]
+        self.view = memoryview(mm)
 
     def raise_event(self) -> None:
         try:
@@ -217,13 +216,8 @@ class XenstoredDaemon:
         self._flush_all()
         if changed:
             self._mark_dirty()
-        if broken is not None:
+        if broken is not None:                     # _flush_all sent what came before it
             log.info("xenstored: dropping a client: %s", broken)
-            if client.out:                          # the replies to what came before, best
-                try:                                # effort: never block the loop
-                    client.sock.send(client.out)
-                except OSError:
-                    pass
             self._drop(client)
 
     # ------------------------------------------------------------------ guest rings
@@ -254,7 +248,7 @@ class XenstoredDaemon:
         old = self.rings.pop(domid, None)
         if old is not None:
             self._unregister_ring(old)
-        dr = _DomainRing(domid, mm, 0, kick_fd, notify_fd)
+        dr = _DomainRing(domid, mm, kick_fd, notify_fd)
         self.rings[domid] = dr
         os.set_blocking(kick_fd, False)
         self.sel.register(kick_fd, selectors.EVENT_READ, dr)
@@ -273,9 +267,7 @@ class XenstoredDaemon:
     def _kicked(self, dr: _DomainRing) -> None:
         try:
             os.eventfd_read(dr.kick_fd)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
+        except OSError:                            # nothing pending (or the VMM is gone)
             return
         if dr.ring is not None:
             dr.ring.notified()

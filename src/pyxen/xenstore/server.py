@@ -52,6 +52,11 @@ class Watch:
     abs: str           # canonical form events are matched against
     relative: bool
 
+    @classmethod
+    def of(cls, path: str, token: bytes, absp: str) -> Watch:
+        """A watch on ``path`` as registered (relative unless it starts with / or @)."""
+        return cls(path, token, absp, not path.startswith(("/", "@")))
+
 
 @dataclass
 class Transaction:
@@ -442,7 +447,7 @@ class XenstoreServer:
             raise XenstoreError("EEXIST", "duplicate watch")
         if conn.domid != 0 and len(conn.watches) > self.store.quota.watches_per_domain:
             raise XenstoreError("E2BIG", "watch quota")
-        conn.watches[key] = Watch(path, token, absp, not path.startswith(("/", "@")))
+        conn.watches[key] = Watch.of(path, token, absp)
         # the initial event: path exactly as registered
         ctx.direct.append((conn, Message(XS_WATCH_EVENT, 0, 0, path.encode() + b"\0" + token + b"\0")))
         return OK
@@ -455,8 +460,7 @@ class XenstoreServer:
                 absp = self.store.canonical(conn.domid, path, special_ok=True)
             except XenstoreError:
                 return
-            conn.watches[(absp, token)] = Watch(path, token, absp,
-                                                not path.startswith(("/", "@")))
+            conn.watches[(absp, token)] = Watch.of(path, token, absp)
 
     def _alloc_tx_id(self, conn: Connection) -> int:
         while True:
@@ -597,6 +601,3 @@ def populate_domain(server: XenstoreOps, domid: int, name: str, memory_kib: int,
         server.write(f"{dom}/console/port", str(console_port))
     if console_ring_ref is not None:
         server.write(f"{dom}/console/ring-ref", str(console_ring_ref))
-
-
-
