@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pyxen.errors import ConfigError
 from pyxen.toolstack.xlcfg import (Atom, XlConfigError, XlList, apply_overrides, c_strtol,
                                    domain_config, dumps, parse, render_value)
+from pyxen.toolstack.xldisk import DiskSpec
 
 DEBIAN = """\
 # Debian 12 PVH guest (xl create /etc/xen/debian.cfg)
@@ -332,3 +333,53 @@ def test_parser_only_raises_config_errors(text: str) -> None:
         parse(text)
     except XlConfigError as e:
         assert e.line is not None and e.line >= 1
+
+
+# ------------------------------------------------------------------ disk and vif specs
+
+def test_disk_and_vif_specs_are_parsed() -> None:
+    spec = domain_config(parse('name = "g"\ntype = "pvh"\ndisk = [\'/img,raw,xvdb,rw\']\n'
+                               "vif = ['', 'mac=00:16:3e:00:00:02,bridge=br1']\n", "g.cfg"))
+    assert spec.disk == ("/img,raw,xvdb,rw",)                   # the raw strings stay
+    (d,) = spec.disks
+    assert isinstance(d, DiskSpec)
+    assert (d.target, d.format, d.vdev, d.devid, d.access) == ("/img", "raw", "xvdb", 51728, "w")
+    assert [v.bridge for v in spec.vifs] == [None, "br1"]
+    assert spec.vifs[1].mac == "00:16:3e:00:00:02"
+
+
+def test_realistic_config_disks_and_vifs() -> None:
+    spec = domain_config(parse(DEBIAN, "/etc/xen/debian.cfg"))
+    assert [(d.target, d.vdev, d.devid) for d in spec.disks] == [
+        ("/srv/xen/debian.img", "xvda", 51712), ("/dev/vg0/debian-swap", "xvdb", 51728)]
+    assert spec.vifs[0].mac == "00:16:3e:12:34:56" and spec.vifs[0].bridge == "xenbr0"
+
+
+def test_no_disk_or_vif() -> None:
+    spec = domain_config(parse('name = "g"\ntype = "pvh"\n'))
+    assert (spec.disks, spec.vifs) == ((), ())
+
+
+@pytest.mark.parametrize("body,key,fragment", [
+    ("disk = [ '/img,raw,xvdb,rw',\n  '/img2,raw' ]", "disk", "disk spec '/img2,raw': no vdev"),
+    ("disk = ['/img,xvda,w']", "disk", "unknown format 'xvda'"),
+    ("disk = ['/a,,xvdb', 'vdev=xvdb,target=/b']", "disk", "vdev xvdb used twice"),
+    ("disk = ['/a,,xvdb', '/b,,d1p0']", "disk", "vdev d1p0 used twice (as 'xvdb'"),
+    ("vif = ['bridge=xenbr0', 'mac=01:00:00:00:00:01']", "vif",
+     "vif spec 'mac=01:00:00:00:00:01': mac '01:00:00:00:00:01' is a multicast"),
+    ("vif = ['rate=fast']", "vif", "invalid rate 'fast'"),
+])
+def test_bad_disk_or_vif_names_file_line_key(body: str, key: str, fragment: str) -> None:
+    text = 'name = "g"\ntype = "pvh"\n' + body + "\n"
+    with pytest.raises(XlConfigError) as ei:
+        domain_config(parse(text, "g.cfg"))
+    e = ei.value
+    assert (e.filename, e.line, e.key) == ("g.cfg", 3, key)
+    assert str(e).startswith(f"g.cfg:3:{key}: ") and fragment in str(e)
+
+
+def test_bad_disk_from_an_override_names_the_command_line() -> None:
+    cfg = apply_overrides(parse('name = "g"\ntype = "pvh"\ndisk = ["/a,,xvda"]\n', "g.cfg"),
+                          ["disk += ['/b,,xvda']"])
+    with pytest.raises(XlConfigError, match=r"^<command line>:1:disk: vdev xvda used twice"):
+        domain_config(cfg)

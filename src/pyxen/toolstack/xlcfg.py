@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Literal, Sequence, Union
 
 from pyxen.errors import ConfigError
+from pyxen.toolstack.xldisk import DiskSpec, DiskSpecError, parse_disk_spec
+from pyxen.toolstack.xlvif import VifSpec, VifSpecError, parse_vif_spec
 
 __all__ = [
     "ACTIONS", "Atom", "ConfigWarning", "DomainSpec", "Setting", "XlConfig", "XlConfigError",
@@ -442,8 +444,10 @@ disable_evtchn_fifo claim_on_node vpmu vmtrace_buf_kb trap_unmapped_accesses
 class DomainSpec:
     """What ``xl create`` needs for a PVH domain, interpreted as xl does. Memory in MiB.
 
-    ``disk``/``vif`` are the raw spec strings (parsed by a later stage). ``sources`` maps each
-    key that was set to ``file:line`` so later checks can name where a value came from.
+    ``disk``/``vif`` are the raw spec strings; ``disks``/``vifs`` the same entries parsed
+    (:mod:`pyxen.toolstack.xldisk`, :mod:`pyxen.toolstack.xlvif`), in the same order.
+    ``sources`` maps each key that was set to ``file:line`` so later checks can name where a
+    value came from.
     """
 
     name: str
@@ -464,6 +468,8 @@ class DomainSpec:
     uuid: str | None = None
     disk: tuple[str, ...] = ()
     vif: tuple[str, ...] = ()
+    disks: tuple[DiskSpec, ...] = ()
+    vifs: tuple[VifSpec, ...] = ()
     warnings: tuple[ConfigWarning, ...] = ()
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -566,6 +572,9 @@ def domain_config(cfg: XlConfig, cwd: str | None = None) -> DomainSpec:
       relative path is relative to xl's working directory, *not* the config file's. Give
       ``cwd`` to make them absolute against a specific directory.
     - ``on_*`` take one of :data:`ACTIONS`; ``accel`` (pyxen) one of auto|kvm|tcg.
+    - ``disk``/``vif`` entries are parsed into ``disks``/``vifs``; a malformed entry, or two
+      disks with the same virtual-device number, raise :class:`XlConfigError` naming
+      file:line:key. Nothing on the host is checked (targets, bridges).
     - Unknown, deprecated and xl-only keys give :class:`ConfigWarning` records in
       ``warnings``; wrongly typed values raise :class:`XlConfigError` naming file:line:key.
     """
@@ -646,9 +655,28 @@ def domain_config(cfg: XlConfig, cwd: str | None = None) -> DomainSpec:
         ("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_watchdog", "destroy"),
         ("on_crash", "destroy"), ("on_soft_reset", "soft-reset"))}
 
+    disk, vif = r.string_list("disk"), r.string_list("vif")
+    disks: list[DiskSpec] = []
+    for text in disk:
+        try:
+            d = parse_disk_spec(text)
+        except DiskSpecError as e:
+            raise r.err(eff["disk"], str(e)) from None
+        other = next((o for o in disks if o.devid == d.devid), None)
+        if other is not None:
+            also = "" if other.vdev == d.vdev else f" (as {other.vdev!r} in {other.spec!r})"
+            raise r.err(eff["disk"], f"vdev {d.vdev} used twice{also}")
+        disks.append(d)
+    vifs: list[VifSpec] = []
+    for text in vif:
+        try:
+            vifs.append(parse_vif_spec(text))
+        except VifSpecError as e:
+            raise r.err(eff["vif"], str(e)) from None
+
     return DomainSpec(
         name=name, type=typ, memory=memory, maxmem=maxmem, vcpus=vcpus, maxvcpus=maxvcpus,
         kernel=_resolve(r.string("kernel"), cwd), ramdisk=_resolve(r.string("ramdisk"), cwd),
         cmdline=cmdline, accel=r.choice("accel", ACCELS, "auto"), uuid=r.string("uuid"),
-        disk=r.string_list("disk"), vif=r.string_list("vif"), warnings=tuple(warnings),
+        disk=disk, vif=vif, disks=tuple(disks), vifs=tuple(vifs), warnings=tuple(warnings),
         sources={k: s.where for k, s in eff.items()}, **actions)
