@@ -17,6 +17,7 @@ Hierarchy::
      +-- ImageError             the guest image could not be fetched or built (names the step)
      +-- XenstoredUnavailable   the standalone xenstored cannot be reached or refused a domain
      +-- ToolstackError         a pyxend request failed (carries the HTTP status and message)
+     +-- HostNetworkError       a host TAP/bridge operation failed (names the interface)
 """
 
 from __future__ import annotations
@@ -74,3 +75,13 @@ class ToolstackError(PyxenError):
     def __init__(self, message: str, status: int = 400) -> None:
         self.status = status
         super().__init__(message)
+
+
+class HostNetworkError(PyxenError):
+    """A host-side network operation (TAP device, Linux bridge, netlink) failed. ``ifname``
+    names the interface, ``errno`` is the kernel/netlink error number when there is one."""
+
+    def __init__(self, ifname: str, message: str, errno: int | None = None) -> None:
+        self.ifname = ifname
+        self.errno = errno
+        super().__init__(f"{ifname}: {message}")
