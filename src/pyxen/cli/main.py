@@ -108,9 +108,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = " ".join(args.argv) if args.argv else None
     if args.initrd and not args.kernel:
         raise ConfigError("--initrd needs --kernel", "initrd")
+    from pyxen.toolstack.xldisk import disk_config, parse_disk_spec
+    disks = [disk_config(parse_disk_spec(d)) for d in args.disk]
     opts = RunOptions(command=command, vcpus=args.vcpus, memory=args.memory,
                       kernel=args.kernel, initrd=args.initrd, accel=args.accel,
-                      cmdline=args.cmdline, timeout=args.timeout)
+                      cmdline=args.cmdline, timeout=args.timeout, disks=disks)
     from pyxen.vmm.builder import hardware_virtualisation
     if args.accel == "kvm" and not hardware_virtualisation():
         print("pyxen: warning: this CPU has no VT-x/AMD-V, so KVM interprets guest kernel "
@@ -180,6 +182,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--accel", default="auto", choices=["kvm", "tcg", "auto"])
     r.add_argument("--cmdline", default="", help="extra kernel command line")
     r.add_argument("--timeout", type=float, default=None, help="seconds")
+    r.add_argument("--disk", action="append", default=[], metavar="SPEC",
+                   help="a virtual disk, as xl's disk spec (e.g. img.raw,raw,xvdb,rw); "
+                        "repeatable")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="the command to run in the guest's shell")
     r.set_defaults(func=cmd_run)

@@ -24,6 +24,10 @@ def _load() -> ctypes.CDLL:
         f = getattr(lib, fn)
         f.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
         f.restype = ctypes.c_uint64
+    f = lib.__atomic_compare_exchange_8
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_bool,
+                  ctypes.c_int, ctypes.c_int]
+    f.restype = ctypes.c_bool
     return lib
 
 
@@ -31,6 +35,7 @@ _lib = _load()
 _fetch_or = _lib.__atomic_fetch_or_8
 _fetch_and = _lib.__atomic_fetch_and_8
 _exchange = _lib.__atomic_exchange_8
+_cmpxchg = _lib.__atomic_compare_exchange_8
 
 
 def fetch_or(addr: int, value: int) -> int:
@@ -48,6 +53,18 @@ def exchange(addr: int, value: int) -> int:
     return _exchange(addr, value, _SEQ_CST)
 
 
+def compare_exchange(addr: int, expected: int, desired: int) -> tuple[bool, int]:
+    """If ``*addr == expected`` store ``desired``. Returns (swapped, value seen)."""
+    seen = ctypes.c_uint64(expected)
+    ok = _cmpxchg(addr, ctypes.addressof(seen), desired, False, _SEQ_CST, _SEQ_CST)
+    return bool(ok), seen.value
+
+
+def load(addr: int) -> int:
+    """One aligned 8-byte load."""
+    return ctypes.c_uint64.from_address(addr).value
+
+
 def test_and_set_bit(base: int, bit: int) -> bool:
     """Set bit ``bit`` of the bitmap at ``base`` (u64 words); True if it was already set."""
     mask = 1 << (bit & 63)
@@ -62,3 +79,12 @@ def test_and_clear_bit(base: int, bit: int) -> bool:
 
 def test_bit(base: int, bit: int) -> bool:
     return bool(ctypes.c_uint64.from_address(base + (bit >> 6) * 8).value >> (bit & 63) & 1)
+
+
+_fence_word = ctypes.c_uint64(0)
+
+
+def full_barrier() -> None:
+    """A full memory barrier (a locked exchange): orders this thread's earlier stores before
+    its later loads, as ``mb()`` does in the ring macros of Xen's io/ring.h."""
+    _exchange(ctypes.addressof(_fence_word), 0, _SEQ_CST)

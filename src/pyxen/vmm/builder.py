@@ -27,6 +27,9 @@ from pyxen.core.memory import GuestMemory
 from pyxen.engine.base import Engine
 from pyxen.errors import (ConfigError, EngineUnavailable, KernelImageError,
                           XenstoredUnavailable)
+from pyxen.backends.guestio import DomainGuestAccess
+from pyxen.backends.xenbus import LocalBus, SocketBus
+from pyxen.vmm.devices import DeviceManager, DiskConfig
 from pyxen.vmm.storelink import StoreLink
 from pyxen.xen.abi import xen as X
 from pyxen.xen.domain import XEN_VERSION, ConsoleSink, XenDomain
@@ -56,6 +59,10 @@ class DomainConfig:
     #: None (and no ``xenstore``): a private in-process server (``pyxen run``)
     xenstored: str | None = None
     uuid: str | None = None
+    #: virtual disks (served by blkback in this process)
+    disks: list[DiskConfig] = field(default_factory=list)
+    #: where device helpers (qemu-storage-daemon exports) keep their files
+    run_dir: str = "/tmp"
 
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -118,9 +125,12 @@ class Vmm:
 
     xenstore: XenstoreServer | None = None
     store_link: StoreLink | None = None
+    devices: DeviceManager | None = None
 
     def destroy(self) -> None:
         self.domain.destroy()
+        if self.devices is not None:
+            self.devices.close()
         if self.store_link is not None:
             self.store_link.close()
         self.xen.close()
@@ -261,6 +271,16 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
     vmm = Vmm(domain, xd, console, (time.monotonic() - t0) * 1000)
     vmm.xenstore = xs
     vmm.store_link = link
+    # split-driver devices: backends in this process, reached by the guest through xenbus
+    bus = SocketBus(cfg.xenstored) if link is not None else LocalBus(xs)
+    vmm.devices = DeviceManager(bus, DomainGuestAccess(xd), cfg.run_dir,
+                                max_queues=min(cfg.vcpus, 4))
+    try:
+        for disk in cfg.disks:
+            vmm.devices.add_disk(disk)
+    except BaseException:
+        vmm.destroy()
+        raise
     return vmm
 
 

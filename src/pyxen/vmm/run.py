@@ -17,6 +17,7 @@ from typing import BinaryIO, Callable
 
 from pyxen.errors import ConfigError
 from pyxen.vmm.builder import DomainConfig, build
+from pyxen.vmm.devices import DiskConfig
 
 DETACH = 0x1D                    # Ctrl-], as xl console
 #: kernel messages below KERN_EMERG stay in the guest's dmesg (panics still reach the console)
@@ -34,6 +35,7 @@ class RunOptions:
     cmdline: str = ""                        # appended to BASE_CMDLINE
     timeout: float | None = None
     modules: list[str] | None = field(default=None)   # frontend modules /init loads
+    disks: list[DiskConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -97,7 +99,8 @@ def run(opts: RunOptions, out: BinaryIO, progress: Callable[[str], None] = lambd
         f.flush()
         cfg = DomainConfig(kernel=kernel, name="pyxen-run", memory=opts.memory,
                            vcpus=opts.vcpus, cmdline=f"{BASE_CMDLINE} {opts.cmdline}".strip(),
-                           modules=[(f.name, "")], accel=opts.accel)
+                           modules=[(f.name, "")], accel=opts.accel, disks=opts.disks,
+                           run_dir=tempfile.gettempdir())
         vmm = build(cfg, stream=stream)
     stop = threading.Event()
     try:

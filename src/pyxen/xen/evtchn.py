@@ -261,3 +261,15 @@ class EventChannels:
             self._backend_ports += 1
             ch.state, ch.remote_port, ch.backend = INTERDOMAIN, self._backend_ports, callback
             return self._backend_ports
+
+    def unbind_backend(self, port: int) -> None:
+        """The in-VMM backend closed its end of ``port``: the guest's port becomes unbound
+        for domain 0 again (as when a dom0 backend closes an interdomain channel). A port the
+        guest already closed or reused is left alone."""
+        with self._locked():
+            if not 0 < port < len(self.ports):
+                return
+            ch = self.ports[port]
+            if ch.state == INTERDOMAIN and ch.backend is not None:
+                ch.state, ch.remote_dom, ch.remote_port, ch.backend = \
+                    UNBOUND, BACKEND_DOMID, 0, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from pyxen.core import atomics
 from pyxen.xen.abi import xen as X
 from pyxen.xen.abi.errno import EINVAL, XenError
 from pyxen.xen.pages import XenPage
@@ -91,3 +92,35 @@ class GrantTable:
         if write and flags & X.GTF_readonly:
             raise GrantError(X.GNTST_general_error, f"grant ref {ref} is read-only")
         return frame
+
+    # --- mappings (GNTTABOP_map_grant_ref's effect on the entry)
+    def pin(self, ref: int, grantee: int, *, write: bool) -> int:
+        """Resolve ``ref`` as :meth:`resolve` does and mark it in use, as Xen marks a mapped
+        grant: ``GTF_reading`` (and ``GTF_writing`` for a writable mapping) are set in the
+        entry with a compare-and-swap, so the granting guest cannot end access (its
+        ``gnttab_end_foreign_access`` sees the bits) until :meth:`unpin`. Linux's blkfront
+        keeps such grants as persistent. Returns the frame."""
+        if not 0 <= ref < self.nr_frames * ENTRIES_PER_FRAME:
+            raise GrantError(X.GNTST_bad_gntref, f"grant ref {ref} beyond the table")
+        addr = self.frames[ref // ENTRIES_PER_FRAME].addr + (ref % ENTRIES_PER_FRAME) * 8
+        bits = X.GTF_reading | (X.GTF_writing if write else 0)
+        for _ in range(64):                          # the guest may race us; Xen retries too
+            old = atomics.load(addr)
+            flags, domid, frame = old & 0xFFFF, (old >> 16) & 0xFFFF, old >> 32
+            if flags & X.GTF_type_mask != X.GTF_permit_access or domid != grantee:
+                raise GrantError(X.GNTST_general_error, f"grant ref {ref} not permit_access "
+                                 f"for domain {grantee} (flags 0x{flags:x}, dom {domid})")
+            if write and flags & X.GTF_readonly:
+                raise GrantError(X.GNTST_general_error, f"grant ref {ref} is read-only")
+            ok, _ = atomics.compare_exchange(addr, old, old | bits)
+            if ok:
+                return frame
+        raise GrantError(X.GNTST_general_error, f"grant ref {ref}: entry kept changing")
+
+    def unpin(self, ref: int, *, write: bool) -> None:
+        """Drop the mark :meth:`pin` set (the guest may then end access)."""
+        if not 0 <= ref < self.nr_frames * ENTRIES_PER_FRAME:
+            return
+        addr = self.frames[ref // ENTRIES_PER_FRAME].addr + (ref % ENTRIES_PER_FRAME) * 8
+        bits = X.GTF_reading | (X.GTF_writing if write else 0)
+        atomics.fetch_and(addr, ~bits & 0xFFFFFFFFFFFFFFFF)

@@ -19,11 +19,11 @@ could observe torn). Full barriers come from a locked exchange (``pyxen.core.ato
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 from typing import Callable
 
+from pyxen.core.atomics import full_barrier
 from pyxen.xenstore.server import Connection
 from pyxen.xenstore.wire import (CONNECTION, ERROR_FIELD, REQ_CONS, REQ_OFF, REQ_PROD,
                                  RING_SIZE, RSP_CONS, RSP_OFF, RSP_PROD, SERVER_FEATURES,
@@ -41,17 +41,6 @@ FEATURES = XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR
 _W_REQ_CONS, _W_REQ_PROD = REQ_CONS // 4, REQ_PROD // 4
 _W_RSP_CONS, _W_RSP_PROD = RSP_CONS // 4, RSP_PROD // 4
 _W_FEATURES, _W_CONNECTION, _W_ERROR = SERVER_FEATURES // 4, CONNECTION // 4, ERROR_FIELD // 4
-
-_fence_word = ctypes.c_uint64(0)
-
-
-def _full_barrier() -> None:
-    """A full memory barrier (locked xchg), ordering our index store before the next load."""
-    try:
-        from pyxen.core import atomics
-    except ImportError:                            # pragma: no cover - libatomic missing
-        return
-    atomics.exchange(ctypes.addressof(_fence_word), 0)
 
 
 class XenstoreRing:
@@ -159,7 +148,7 @@ class XenstoreRing:
                     del self.pending[:n]
                     w[_W_RSP_PROD] = (rprod + n) & M32   # after the data (stores in order)
                     progress = signal = True
-            _full_barrier()
+            full_barrier()
             if progress:
                 continue
             # quiescent unless the guest raced us (it skips notifying in those cases)
@@ -197,7 +186,7 @@ class XenstoreRing:
         w = self.words
         w[_W_REQ_CONS] = w[_W_REQ_PROD] = w[_W_RSP_CONS] = w[_W_RSP_PROD] = 0
         w[_W_ERROR] = XENSTORE_ERROR_NONE
-        _full_barrier()
+        full_barrier()
         w[_W_CONNECTION] = XENSTORE_CONNECTED
 
     def _break(self, error: int, why: str) -> None:

@@ -1,0 +1,204 @@
+"""A domain's split-driver devices: libxl's device add/remove plus the backends that serve them.
+
+For each device the manager does what libxl does in dom0 -- write the frontend directory
+(guest-owned, dom0 may read) and the backend directory (dom0-owned, the guest may read), both
+in state Initialising -- and then starts the backend, which lives in this VMM process and
+reaches the guest only through :class:`GuestAccess` (grants and event channels).
+
+Removal follows libxl's ``device_generic_remove``: the backend goes to Closing with
+``online = 0``, the frontend answers Closed, the backend follows, and then both directories are
+removed (a frontend that does not answer within the timeout is removed anyway, as
+``xl block-detach`` does after its timeout).
+
+Owner: the domain's :class:`Vmm`. Thread-safe: add/remove may be called from the control
+socket thread while the bus thread runs the backends' state machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+
+from pyxen.backends.blkback import BlkBackend
+from pyxen.backends.disk import DiskError, QemuExport, open_disk
+from pyxen.backends.guestio import DomainGuestAccess
+from pyxen.backends.xenbus import (CLOSED, INITIALISING, STATE_NAMES, BackendBus,
+                                   XenbusBackend, backend_path, frontend_path)
+from pyxen.errors import DomainError
+
+log = logging.getLogger("pyxen.vmm")
+
+XVD_MAJOR = 202
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """One virtual disk, as the toolstack resolved it (JSON-safe). ``devid`` is Xen's
+    virtual-device number, ``vdev`` its name (``xvdb``); ``spec`` is the text the user wrote
+    (named in errors)."""
+
+    target: str
+    vdev: str
+    devid: int
+    format: str = "raw"
+    readonly: bool = False
+    cdrom: bool = False
+    discard: bool = True
+    spec: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiskConfig:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class DeviceManager:
+    """All split-driver devices of one domain."""
+
+    def __init__(self, bus: BackendBus, guest: DomainGuestAccess, run_dir: str,
+                 max_queues: int = 1) -> None:
+        self.bus = bus
+        self.guest = guest
+        self.domid = guest.domid
+        self.run_dir = run_dir
+        self.max_queues = max_queues
+        self.lock = threading.Lock()
+        self.disks: dict[int, tuple[DiskConfig, BlkBackend, QemuExport | None]] = {}
+
+    # --- block devices
+    def add_disk(self, cfg: DiskConfig) -> BlkBackend:
+        """Attach ``cfg`` (DiskError naming the spec if it cannot be used)."""
+        what = cfg.spec or cfg.target
+        with self.lock:
+            if cfg.devid in self.disks:
+                raise DiskError(f"disk {what!r}: vdev {cfg.vdev} is already in use")
+            for other, _be, _e in self.disks.values():
+                if (os.path.realpath(other.target) == os.path.realpath(cfg.target)
+                        and not (other.readonly and cfg.readonly)):
+                    raise DiskError(f"disk {what!r}: {cfg.target} is already attached "
+                                    f"as {other.vdev}")
+            if self.bus.try_read(f"{frontend_path('vbd', self.domid, cfg.devid)}/state"):
+                raise DiskError(f"disk {what!r}: vdev {cfg.vdev} is already in use")
+            image, export = open_disk(cfg.target, cfg.format, readonly=cfg.readonly,
+                                      run_dir=self.run_dir, spec=what)
+            try:
+                be = BlkBackend(self.bus, self.guest, cfg.devid, image, discard=cfg.discard,
+                                max_queues=self.max_queues)
+                self._write_nodes("vbd", cfg.devid, frontend={
+                    "virtual-device": str(cfg.devid),
+                    "device-type": "cdrom" if cfg.cdrom else "disk",
+                }, backend={
+                    "dev": cfg.vdev, "type": "qdisk" if export else "phy",
+                    "mode": "r" if cfg.readonly else "w", "params": cfg.target,
+                    "device-type": "cdrom" if cfg.cdrom else "disk",
+                    "removable": "0", "bootable": "1",
+                    "discard-enable": "1" if cfg.discard else "0",
+                })
+                be.start()
+            except BaseException:
+                image.close()
+                if export is not None:
+                    export.close()
+                raise
+            self.disks[cfg.devid] = (cfg, be, export)
+            log.info("d%d: disk %s attached as %s (%d)", self.domid, cfg.target, cfg.vdev,
+                     cfg.devid)
+            return be
+
+    def remove_disk(self, devid: int, timeout: float = 10.0, force: bool = False) -> bool:
+        """Detach disk ``devid``. Returns True if the frontend closed cleanly; False if it
+        was removed after ``timeout`` without an answer (or ``force``)."""
+        with self.lock:
+            entry = self.disks.pop(devid, None)
+        if entry is None:
+            raise DomainError(f"domain {self.domid} has no disk with devid {devid}")
+        cfg, be, export = entry
+        clean = True
+        if not force:
+            be.request_close()
+            clean = be.closed_event.wait(timeout)
+            if not clean:
+                log.warning("d%d: disk %s: frontend did not close within %gs; removing it",
+                            self.domid, cfg.vdev, timeout)
+        be.stop()
+        self._remove_nodes("vbd", devid)
+        if export is not None:
+            export.close()
+        return clean
+
+    def find_disk(self, name: str) -> int | None:
+        """devid of the disk called ``name`` (vdev or number), or None."""
+        with self.lock:
+            for devid, (cfg, _be, _e) in self.disks.items():
+                if name in (cfg.vdev, str(devid)):
+                    return devid
+        return None
+
+    def list_disks(self) -> list[dict]:
+        """``xl block-list`` rows: Vdev BE handle state evt-ch ring-ref BE-path, plus ours."""
+        with self.lock:
+            entries = list(self.disks.values())
+        rows = []
+        for cfg, be, _e in entries:
+            info = be.info()
+            fe = frontend_path("vbd", self.domid, cfg.devid)
+            evt = self.bus.try_read(f"{fe}/event-channel") or \
+                self.bus.try_read(f"{fe}/queue-0/event-channel") or b"-1"
+            ref = self.bus.try_read(f"{fe}/ring-ref") or \
+                self.bus.try_read(f"{fe}/ring-ref0") or b"-1"
+            rows.append({"vdev": cfg.vdev, "devid": cfg.devid, "backend_id": 0,
+                         "state": be.state, "state_name": STATE_NAMES[be.state],
+                         "frontend_state": info["frontend_state"],
+                         "evtch": int(evt), "ring_ref": int(ref),
+                         "be_path": backend_path("vbd", self.domid, cfg.devid),
+                         "target": cfg.target, "format": cfg.format,
+                         "readonly": cfg.readonly, "stats": info["stats"]})
+        return rows
+
+    # --- libxl's xenstore layout
+    def _write_nodes(self, kind: str, devid: int, *, frontend: dict[str, str],
+                     backend: dict[str, str]) -> None:
+        fe = frontend_path(kind, self.domid, devid)
+        be = backend_path(kind, self.domid, devid)
+        w = self.bus.write
+        # frontend: guest-owned, dom0 reads; backend: dom0-owned, the guest reads
+        w(fe, "")
+        self.bus.set_perms(fe, [f"n{self.domid}", "r0"])
+        w(be, "")
+        self.bus.set_perms(be, ["n0", f"r{self.domid}"])
+        for k, v in {"backend": be, "backend-id": "0", "state": str(INITIALISING),
+                     **frontend}.items():
+            w(f"{fe}/{k}", v)
+        for k, v in {"frontend": fe, "frontend-id": str(self.domid), "online": "1",
+                     "state": str(INITIALISING), **backend}.items():
+            w(f"{be}/{k}", v)
+
+    def _remove_nodes(self, kind: str, devid: int) -> None:
+        for path in (frontend_path(kind, self.domid, devid),
+                     backend_path(kind, self.domid, devid)):
+            try:
+                if self.bus.try_read(path) is not None:
+                    self.bus.rm(path)
+            except Exception as e:                      # best effort on teardown
+                log.warning("d%d: cannot remove %s: %s", self.domid, path, e)
+
+    def close(self) -> None:
+        """Domain teardown: stop every backend (no handshake) and release images."""
+        with self.lock:
+            entries = list(self.disks.values())
+            self.disks.clear()
+        backends: list[XenbusBackend] = []
+        for cfg, be, export in entries:
+            be.stop()
+            backends.append(be)
+            self._remove_nodes("vbd", cfg.devid)
+            if export is not None:
+                export.close()
+        self.bus.close()
+
+
+__all__ = ["CLOSED", "DeviceManager", "DiskConfig", "DiskError", "XVD_MAJOR"]
