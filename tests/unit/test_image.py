@@ -629,3 +629,46 @@ def test_build_pipeline_with_fake_packages(tmp_path, monkeypatch):
     config = config_missing
     with pytest.raises(ImageError, match="CONFIG_XEN_PVH"):
         build.ensure_image(tmp_path / "other")
+
+
+# ---------------------------------------------------------------------------------- overlay files
+
+
+def test_make_overlay_files():
+    files = {"/usr/local/bin/tool": b"\x7fELF-tool", "usr/bin/iobench": bytearray(b"io"),
+             "pyxen/extra/x": b""}
+    data = runspec.make_overlay("run", "tool", NONCE, files=files)
+    assert data == runspec.make_overlay("run", "tool", NONCE, files=dict(reversed(files.items())))
+    entries = cpio.read_cpio(data)
+    by_path = {e.path: e for e in entries}
+    assert by_path["usr/local/bin/tool"].data == b"\x7fELF-tool"
+    assert by_path["usr/bin/iobench"].data == b"io"
+    for p in ("usr/local/bin/tool", "usr/bin/iobench", "pyxen/extra/x"):
+        assert by_path[p].kind == "file" and by_path[p].mode & 0o777 == 0o755
+    # missing parents come before their files; the base image's directories are not repeated
+    dirs = [e.path for e in entries if e.kind == "dir"]
+    assert dirs == ["pyxen", "pyxen/extra", "usr/local", "usr/local/bin"]
+    assert by_path["usr/local/bin"].mode & 0o777 == 0o755
+    order = [e.path for e in entries]
+    assert order.index("usr/local") < order.index("usr/local/bin") < order.index(
+        "usr/local/bin/tool")
+    assert runspec.make_overlay("run", "x", NONCE, files={}) == runspec.make_overlay(
+        "run", "x", NONCE)
+    # through concat_initrd: Linux sees the files in the second archive
+    gz = gzip.compress(cpio.write_cpio(base()), mtime=0)
+    first, second = unpack_like_linux(runspec.concat_initrd(gz, data))
+    assert first == base()
+    assert {e.path for e in second} >= set(p.lstrip("/") for p in files)
+    alone = cpio.read_cpio(runspec.files_archive(files))
+    assert [e.path for e in alone] == [e.path for e in entries if not e.path.startswith(
+        "pyxen") or e.path.startswith("pyxen/extra")]
+
+
+@pytest.mark.parametrize("files", [{"init": b"x"}, {"pyxen/cmd": b"x"}, {"tmp": b"x"},
+                                   {"../etc/x": b"x"}, {"a//b": b"x"}, {"": b"x"},
+                                   {"a/./b": b"x"}, {"dev/x": b"x"}, {"proc/x": b"x"},
+                                   {"a b": b"x"}, {"a": "text"}, {"a": b"x", "a/b": b"y"},
+                                   {"x": b"1", "/x": b"2"}, {"etc/pyxen": b"x"}])
+def test_make_overlay_rejects_bad_files(files):
+    with pytest.raises(ImageError):
+        runspec.make_overlay("run", "x", NONCE, files=files)

@@ -47,6 +47,10 @@ FRONTENDS = ("xen-blkfront", "xen-netfront", "xen-scsifront", "xen-pcifront", "x
              "xen-kbdfront", "xen-fbfront", "9pnet_xen")
 #: Xen device interfaces for guest user space (xenstore/evtchn/grant tools), also included.
 XEN_DEVICES = ("xen-evtchn", "xenfs", "xen-privcmd", "xen-gntdev", "xen-gntalloc")
+#: virtio drivers for the benchmarks' QEMU peer (``-M microvm``: virtio-mmio devices found
+#: through ACPI), so both sides boot the same kernel and initramfs. Not autoloaded: a run
+#: names them in its overlay's module list (``make_overlay(modules=...)``).
+VIRTIO = ("virtio_mmio", "virtio_blk", "virtio_net")
 #: Loaded by /init at boot when present (xen-pcifront refuses to load outside PV guests).
 AUTOLOAD = ("xen-blkfront", "xen-netfront")
 #: Options the kernel must have built in for the image to boot as a PVH guest.
@@ -83,7 +87,8 @@ def images_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 def recipe() -> str:
     """Hash of everything in this code that shapes an image; a change invalidates caches."""
     spec = json.dumps({"format": FORMAT, "init": INIT_SCRIPT, "frontends": FRONTENDS,
-                       "devices": XEN_DEVICES, "autoload": AUTOLOAD}, sort_keys=True)
+                       "devices": XEN_DEVICES, "virtio": VIRTIO,
+                       "autoload": AUTOLOAD}, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()
 
 
@@ -257,7 +262,7 @@ def _collect_modules(moddir: Path) -> tuple[dict[str, bytes], dict[str, str], di
     for p in moddir.rglob("*.ko*"):
         if any(p.name.endswith(s) for s in kmod.MODULE_SUFFIXES):
             index[kmod.module_name(p.name)] = p
-    wanted = [kmod.module_name(m) for m in FRONTENDS + XEN_DEVICES
+    wanted = [kmod.module_name(m) for m in FRONTENDS + XEN_DEVICES + VIRTIO
               if kmod.module_name(m) in index]
     deps: dict[str, list[str]] = {}
     infos: dict[str, dict[str, list[str]]] = {}

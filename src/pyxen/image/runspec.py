@@ -3,7 +3,8 @@
 A run boots the cached initramfs plus a small uncompressed cpio appended to it (Linux unpacks
 concatenated archives; the whole is the guest's single initrd module). The overlay holds
 ``/pyxen/mode`` ("run" or "shell"), ``/pyxen/cmd`` (run with ``sh -c``), ``/pyxen/nonce`` and,
-optionally, ``/pyxen/modules`` (replaces the image's module autoload list).
+optionally, ``/pyxen/modules`` (replaces the image's module autoload list) and extra executable
+files (``files``: e.g. a benchmark's guest tool).
 
 In mode "run" the guest's /init ends with ``\\n@@pyxen-exit <nonce> <status>@@\\n`` on hvc0;
 :class:`ExitMarkerFilter` removes that line from the console stream and records the status.
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from pyxen.errors import ImageError
 from pyxen.image import cpio
+from pyxen.image.initramfs import BASE_DIRS
 
 if TYPE_CHECKING:
     from pyxen.image.build import Image
@@ -32,12 +34,49 @@ def new_nonce() -> str:
     return os.urandom(16).hex()
 
 
+_PATH_PART = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
+_RESERVED = ("init", "pyxen/cmd", "pyxen/mode", "pyxen/nonce", "pyxen/modules")
+_MOUNTED = ("dev", "proc", "sys")   # /init mounts over these: files there would be hidden
+
+
+def _file_entries(files: Mapping[str, bytes]) -> list[cpio.Entry]:
+    """Entries for ``files`` (guest path -> content, mode 0755) and for their parent
+    directories that the base image lacks, sorted by path. Directories the base image has are
+    not repeated: unpacking a directory entry over an existing one resets its mode (/tmp)."""
+    known = set(BASE_DIRS) | {"pyxen"}
+    dirs: set[str] = set()
+    out: dict[str, cpio.Entry] = {}
+    for raw, data in files.items():
+        if not isinstance(raw, str) or not isinstance(data, (bytes, bytearray)):
+            raise ImageError(f"overlay: files must map str paths to bytes, not {raw!r}")
+        path = raw.lstrip("/")
+        parts = path.split("/")
+        if not all(_PATH_PART.fullmatch(p) for p in parts):
+            raise ImageError(f"overlay: bad file path {raw!r}")
+        if path in _RESERVED or path in known or path in out or parts[0] in _MOUNTED:
+            raise ImageError(f"overlay: file path {raw!r} is reserved or repeated")
+        out[path] = cpio.file(path, bytes(data), 0o755)
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    if clash := sorted(dirs & set(out)):
+        raise ImageError(f"overlay: {clash[0]!r} is both a file and a directory")
+    return [cpio.directory(d) for d in sorted(dirs - known)] + [out[p] for p in sorted(out)]
+
+
+def files_archive(files: Mapping[str, bytes]) -> bytes:
+    """An uncompressed cpio of just ``files`` (rules as for :func:`make_overlay`), for a
+    custom ``--initrd``: ``concat_initrd(image initramfs, files_archive(files))``."""
+    return cpio.write_cpio(_file_entries(files))
+
+
 def make_overlay(mode: str, command: str, nonce: str,
-                 modules: Iterable[str] | None = None) -> bytes:
+                 modules: Iterable[str] | None = None,
+                 files: Mapping[str, bytes] | None = None) -> bytes:
     """The uncompressed overlay cpio for one run (deterministic for equal arguments).
 
     ``nonce`` must be 8-64 lowercase hex digits; ``modules``, when given, replaces the image's
-    autoload list (an empty list loads nothing).
+    autoload list (an empty list loads nothing); ``files`` maps guest paths (``usr/bin/tool``,
+    a leading ``/`` is ignored) to contents, written with mode 0755; their missing parent
+    directories are created (0755).
     """
     if mode not in MODES:
         raise ImageError(f"overlay: mode must be one of {MODES}, not {mode!r}")
@@ -52,6 +91,8 @@ def make_overlay(mode: str, command: str, nonce: str,
         if any(not re.fullmatch(r"[A-Za-z0-9_-]+", m) for m in names):
             raise ImageError(f"overlay: bad module name in {names!r}")
         entries.append(cpio.file("pyxen/modules", "".join(f"{m}\n" for m in names).encode()))
+    if files:
+        entries.extend(_file_entries(files))
     return cpio.write_cpio(entries)
 
 
