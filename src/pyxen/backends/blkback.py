@@ -65,6 +65,7 @@ class _Queue:
         self.stopping = False
         self.broken = False
         self.persistent: dict[int, tuple[memoryview, int]] = {}
+        self.ring_gfns: list[int] = []
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"blkback-d{dev.domid}-{dev.devid}-q{index}")
 
@@ -94,6 +95,7 @@ class _Queue:
                         ring.put_response(self.dev.handle(entry, self))
                     if ring.push_responses():
                         guest.notify(self.port)
+                    guest.mark_dirty_gfns(self.ring_gfns)     # responses, req_event
                     if not ring.final_check():
                         break
             except RingError as e:
@@ -171,9 +173,10 @@ class BlkBackend(XenbusBackend):
         else:
             refs = [self.read_fe_int(f"{prefix}ring-ref{i}") for i in range(1 << order)]
         port = self.read_fe_int(f"{prefix}event-channel")
-        views, _ = self.guest.map_grants(refs, write=True)
+        views, frames = self.guest.map_grants(refs, write=True)
         ring = BackRing(RingPages(views), B.ENTRY_SIZE)
         queue = _Queue(self, q, ring, port)
+        queue.ring_gfns = frames
         self.guest.bind_port(port, queue.kick)
         return queue
 

@@ -58,7 +58,7 @@ _HEAD = struct.Struct("<BBHIQQ")                  # op, b1, h, pad, id, sector
 _SEG = struct.Struct("<IBBH")
 _DISCARD_N = struct.Struct("<Q")                  # nr_sectors at offset 24
 _INDIRECT = struct.Struct("<BBHIQQHH8I")
-_RESPONSE = struct.Struct("<QBxh")
+_RESPONSE = struct.Struct("<QBxh4x")          # 16 bytes: the u64 id pads the struct
 
 
 @dataclass(frozen=True)
