@@ -109,6 +109,17 @@ class BackRing:
         self.req_cons = (self.req_cons + n) & M32
         return out
 
+    def peek(self, limit: int | None = None) -> list[bytes]:
+        """Copy out the pending requests (at most ``limit``) without consuming them; consume
+        with :meth:`advance` (for protocols whose units span several entries)."""
+        n = self.pending()
+        if limit is not None:
+            n = min(n, limit)
+        return [self.mem.read(self._slot(self.req_cons + i), self.entry_size) for i in range(n)]
+
+    def advance(self, n: int) -> None:
+        self.req_cons = (self.req_cons + n) & M32
+
     def put_response(self, data: bytes) -> None:
         """Write the next response slot (not yet visible to the frontend: see push)."""
         if len(data) > self.entry_size:
@@ -126,6 +137,15 @@ class BackRing:
         w[_RSP_PROD] = new                 # x86: stores are not reordered with older stores
         full_barrier()                     # ...but a later load may pass it without this
         return (new - w[_RSP_EVENT]) & M32 < (new - old) & M32
+
+    def wait_for(self, n: int) -> bool:
+        """True if at least ``n`` requests are pending; otherwise arm ``req_event`` so the
+        frontend notifies once the ``n``-th is produced, and check again."""
+        if self.pending() >= n:
+            return True
+        self.mem.words[_REQ_EVENT] = (self.req_cons + n) & M32
+        full_barrier()
+        return self.pending() >= n
 
     def final_check(self) -> bool:
         """True if more requests are pending; otherwise arm ``req_event`` so the frontend

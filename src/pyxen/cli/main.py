@@ -19,6 +19,8 @@ Subcommands so far:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import logging
 import sys
 
@@ -109,10 +111,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.initrd and not args.kernel:
         raise ConfigError("--initrd needs --kernel", "initrd")
     from pyxen.toolstack.xldisk import disk_config, parse_disk_spec
+    from pyxen.toolstack.xlvif import nic_config, parse_vif_spec
     disks = [disk_config(parse_disk_spec(d)) for d in args.disk]
+    nics = [nic_config(parse_vif_spec(v), i) for i, v in enumerate(args.vif)]
+    # throwaway domains all have domid 1: name their TAPs by process, not vif<domid>.<n>
+    nics = [n if n.vifname else dataclasses.replace(n, vifname=f"vr{os.getpid()}.{n.devid}")
+            for n in nics]
     opts = RunOptions(command=command, vcpus=args.vcpus, memory=args.memory,
                       kernel=args.kernel, initrd=args.initrd, accel=args.accel,
-                      cmdline=args.cmdline, timeout=args.timeout, disks=disks)
+                      cmdline=args.cmdline, timeout=args.timeout, disks=disks,
+                      nics=nics)
     from pyxen.vmm.builder import hardware_virtualisation
     if args.accel == "kvm" and not hardware_virtualisation():
         print("pyxen: warning: this CPU has no VT-x/AMD-V, so KVM interprets guest kernel "
@@ -185,6 +193,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--disk", action="append", default=[], metavar="SPEC",
                    help="a virtual disk, as xl's disk spec (e.g. img.raw,raw,xvdb,rw); "
                         "repeatable")
+    r.add_argument("--vif", action="append", default=[], metavar="SPEC",
+                   help="a virtual NIC, as xl's vif spec (e.g. bridge=pyxenbr0,mac=...); "
+                        "the guest sees eth0, eth1...; repeatable")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="the command to run in the guest's shell")
     r.set_defaults(func=cmd_run)

@@ -266,3 +266,18 @@ def random_mac(rng: _random.Random | None = None) -> str:
     r = rng if rng is not None else _random.SystemRandom()
     octets = XEN_OUI + (r.getrandbits(8) & 0x7F, r.getrandbits(8), r.getrandbits(8))
     return ":".join(f"{o:02x}" for o in octets)
+
+
+def nic_config(spec: VifSpec, devid: int):  # type: ignore[no-untyped-def]
+    """The VMM's :class:`~pyxen.vmm.devices.NicConfig` for ``spec`` as device ``devid``
+    (``spec.devid`` wins if set): a random Xen MAC when none is given, pyxen's default
+    bridge when none is named."""
+    from pyxen.vmm.devices import NicConfig
+    rate = (spec.rate.bytes_per_interval, spec.rate.interval_us) if spec.rate else None
+    kw = {}
+    if spec.mtu is not None:
+        kw["mtu"] = spec.mtu
+    return NicConfig(devid=spec.devid if spec.devid is not None else devid,
+                     mac=spec.mac or random_mac(), bridge=spec.bridge or "pyxenbr0",
+                     vifname=spec.vifname, rate=rate, ip=" ".join(spec.ip) or None,
+                     spec=spec.spec, **kw)

@@ -29,7 +29,7 @@ from pyxen.errors import (ConfigError, EngineUnavailable, KernelImageError,
                           XenstoredUnavailable)
 from pyxen.backends.guestio import DomainGuestAccess
 from pyxen.backends.xenbus import LocalBus, SocketBus
-from pyxen.vmm.devices import DeviceManager, DiskConfig
+from pyxen.vmm.devices import DeviceManager, DiskConfig, NicConfig
 from pyxen.vmm.storelink import StoreLink
 from pyxen.xen.abi import xen as X
 from pyxen.xen.domain import XEN_VERSION, ConsoleSink, XenDomain
@@ -61,6 +61,8 @@ class DomainConfig:
     uuid: str | None = None
     #: virtual disks (served by blkback in this process)
     disks: list[DiskConfig] = field(default_factory=list)
+    #: virtual NICs (served by netback in this process, TAPs on host bridges)
+    nics: list[NicConfig] = field(default_factory=list)
     #: where device helpers (qemu-storage-daemon exports) keep their files
     run_dir: str = "/tmp"
 
@@ -278,6 +280,8 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
     try:
         for disk in cfg.disks:
             vmm.devices.add_disk(disk)
+        for nic in cfg.nics:
+            vmm.devices.add_nic(nic)
     except BaseException:
         vmm.destroy()
         raise

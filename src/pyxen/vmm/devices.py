@@ -22,16 +22,14 @@ import threading
 from dataclasses import asdict, dataclass
 
 from pyxen.backends.blkback import BlkBackend
+from pyxen.backends.netback import NetBackend
 from pyxen.backends.disk import DiskError, QemuExport, open_disk
 from pyxen.backends.guestio import DomainGuestAccess
-from pyxen.backends.xenbus import (CLOSED, INITIALISING, STATE_NAMES, BackendBus,
-                                   XenbusBackend, backend_path, frontend_path)
+from pyxen.backends.xenbus import (INITIALISING, STATE_NAMES, BackendBus, backend_path,
+                                   frontend_path)
 from pyxen.errors import DomainError
 
 log = logging.getLogger("pyxen.vmm")
-
-XVD_MAJOR = 202
-
 
 @dataclass(frozen=True)
 class DiskConfig:
@@ -56,6 +54,31 @@ class DiskConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
+@dataclass(frozen=True)
+class NicConfig:
+    """One virtual NIC (JSON-safe). ``rate`` is (bytes, interval in microseconds) or None;
+    ``vifname`` defaults to Xen's ``vif<domid>.<devid>``; ``bridge`` to pyxen's default."""
+
+    devid: int
+    mac: str
+    bridge: str = "pyxenbr0"
+    vifname: str | None = None
+    rate: tuple[int, int] | None = None
+    ip: str | None = None
+    mtu: int = 1500
+    spec: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NicConfig:
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        if kw.get("rate") is not None:
+            kw["rate"] = tuple(kw["rate"])
+        return cls(**kw)
+
+
 class DeviceManager:
     """All split-driver devices of one domain."""
 
@@ -68,6 +91,7 @@ class DeviceManager:
         self.max_queues = max_queues
         self.lock = threading.Lock()
         self.disks: dict[int, tuple[DiskConfig, BlkBackend, QemuExport | None]] = {}
+        self.nics: dict[int, tuple[NicConfig, NetBackend]] = {}
 
     # --- block devices
     def add_disk(self, cfg: DiskConfig) -> BlkBackend:
@@ -159,6 +183,87 @@ class DeviceManager:
                          "readonly": cfg.readonly, "stats": info["stats"]})
         return rows
 
+    # --- network devices
+    def add_nic(self, cfg: NicConfig) -> NetBackend:
+        """Create the host TAP (``vif<domid>.<devid>``), attach it to ``cfg.bridge``
+        (created with pyxen's default address if it does not exist) and start netback.
+        Raises HostNetworkError / DomainError naming the vif."""
+        from pyxen.host.bridge import DEFAULT_BRIDGE, attach, ensure_bridge
+        from pyxen.host.tap import Tap
+        with self.lock:
+            if cfg.devid in self.nics:
+                raise DomainError(f"vif {cfg.spec or cfg.devid!r}: devid {cfg.devid} is "
+                                  "already in use")
+            bridge = cfg.bridge or DEFAULT_BRIDGE
+            if bridge == DEFAULT_BRIDGE:
+                ensure_bridge(bridge)
+            else:
+                ensure_bridge(bridge, address=None)
+            tap = Tap(cfg.vifname or f"vif{self.domid}.{cfg.devid}", mtu=cfg.mtu)
+            try:
+                attach(tap.name, bridge)
+                be = NetBackend(self.bus, self.guest, cfg.devid, tap, rate=cfg.rate)
+                backend = {"mac": cfg.mac, "bridge": bridge, "handle": str(cfg.devid),
+                           "type": "vif", "script": "pyxen-bridge", "mtu": str(cfg.mtu),
+                           "vifname": tap.name}
+                if cfg.ip:
+                    backend["ip"] = cfg.ip
+                if cfg.rate:
+                    backend["rate"] = f"{cfg.rate[0]},{cfg.rate[1]}"
+                self._write_nodes("vif", cfg.devid,
+                                  frontend={"handle": str(cfg.devid), "mac": cfg.mac},
+                                  backend=backend)
+                be.start()
+            except BaseException:
+                tap.close()
+                raise
+            self.nics[cfg.devid] = (cfg, be)
+            log.info("d%d: vif %d (%s) on %s as %s", self.domid, cfg.devid, cfg.mac, bridge,
+                     tap.name)
+            return be
+
+    def remove_nic(self, devid: int, timeout: float = 10.0, force: bool = False) -> bool:
+        with self.lock:
+            entry = self.nics.pop(devid, None)
+        if entry is None:
+            raise DomainError(f"domain {self.domid} has no vif with devid {devid}")
+        _cfg, be = entry
+        clean = True
+        if not force:
+            be.request_close()
+            clean = be.closed_event.wait(timeout)
+        be.stop()
+        self._remove_nodes("vif", devid)
+        return clean
+
+    def find_nic(self, name: str) -> int | None:
+        with self.lock:
+            for devid, (cfg, be) in self.nics.items():
+                if name in (str(devid), cfg.mac, be.tap.name):
+                    return devid
+        return None
+
+    def list_nics(self) -> list[dict]:
+        """``xl network-list`` rows: Idx BE Mac Addr. handle state evt-ch tx-/rx-ring-ref
+        BE-path, plus the TAP and counters."""
+        with self.lock:
+            entries = list(self.nics.values())
+        rows = []
+        for cfg, be in entries:
+            fe = frontend_path("vif", self.domid, cfg.devid)
+            rd = self.bus.try_read
+            rows.append({"devid": cfg.devid, "backend_id": 0, "mac": cfg.mac,
+                         "handle": cfg.devid, "state": be.state,
+                         "state_name": STATE_NAMES[be.state],
+                         "evtch": int(rd(f"{fe}/event-channel") or
+                                      rd(f"{fe}/event-channel-tx") or b"-1"),
+                         "tx_ring_ref": int(rd(f"{fe}/tx-ring-ref") or b"-1"),
+                         "rx_ring_ref": int(rd(f"{fe}/rx-ring-ref") or b"-1"),
+                         "be_path": backend_path("vif", self.domid, cfg.devid),
+                         "bridge": cfg.bridge, "vifname": be.tap.name,
+                         "stats": dict(be.stats)})
+        return rows
+
     # --- libxl's xenstore layout
     def _write_nodes(self, kind: str, devid: int, *, frontend: dict[str, str],
                      backend: dict[str, str]) -> None:
@@ -190,15 +295,16 @@ class DeviceManager:
         """Domain teardown: stop every backend (no handshake) and release images."""
         with self.lock:
             entries = list(self.disks.values())
+            nics = list(self.nics.values())
             self.disks.clear()
-        backends: list[XenbusBackend] = []
+            self.nics.clear()
+        for ncfg, nbe in nics:
+            nbe.stop()
+            self._remove_nodes("vif", ncfg.devid)
         for cfg, be, export in entries:
             be.stop()
-            backends.append(be)
             self._remove_nodes("vbd", cfg.devid)
             if export is not None:
                 export.close()
         self.bus.close()
 
-
-__all__ = ["CLOSED", "DeviceManager", "DiskConfig", "DiskError", "XVD_MAJOR"]

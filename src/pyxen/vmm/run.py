@@ -17,7 +17,7 @@ from typing import BinaryIO, Callable
 
 from pyxen.errors import ConfigError
 from pyxen.vmm.builder import DomainConfig, build
-from pyxen.vmm.devices import DiskConfig
+from pyxen.vmm.devices import DiskConfig, NicConfig
 
 DETACH = 0x1D                    # Ctrl-], as xl console
 #: kernel messages below KERN_EMERG stay in the guest's dmesg (panics still reach the console)
@@ -36,6 +36,7 @@ class RunOptions:
     timeout: float | None = None
     modules: list[str] | None = field(default=None)   # frontend modules /init loads
     disks: list[DiskConfig] = field(default_factory=list)
+    nics: list[NicConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -100,7 +101,7 @@ def run(opts: RunOptions, out: BinaryIO, progress: Callable[[str], None] = lambd
         cfg = DomainConfig(kernel=kernel, name="pyxen-run", memory=opts.memory,
                            vcpus=opts.vcpus, cmdline=f"{BASE_CMDLINE} {opts.cmdline}".strip(),
                            modules=[(f.name, "")], accel=opts.accel, disks=opts.disks,
-                           run_dir=tempfile.gettempdir())
+                           nics=opts.nics, run_dir=tempfile.gettempdir())
         vmm = build(cfg, stream=stream)
     stop = threading.Event()
     try:
