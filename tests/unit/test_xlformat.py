@@ -1,4 +1,5 @@
-"""pyxen.toolstack.xlformat: xl info / vcpu-list / uptime / list -l output byte for byte."""
+"""pyxen.toolstack.xlformat: xl info / vcpu-list / uptime / list -l / block-list output byte for
+byte."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from pyxen.toolstack.xlformat import (DEFAULT_VIRT_CAPS, INVALID_DOMID, PVH_XEN_CAPS,
-                                      UPTIME_HEADER, VCPU_LIST_HEADER, HostInfo, VcpuRow,
-                                      format_cpumap, format_info, format_list_long,
-                                      format_uptime, format_vcpu_list, gather_host_info,
-                                      libxl_domain_config, uptime_to_string, vcpu_state,
-                                      yajl_json)
+from pyxen.toolstack.xlformat import (BLOCK_LIST_HEADER, DEFAULT_VIRT_CAPS, INVALID_DOMID,
+                                      PVH_XEN_CAPS, UPTIME_HEADER, VCPU_LIST_HEADER, HostInfo,
+                                      VcpuRow, format_block_list, format_cpumap, format_info,
+                                      format_list_long, format_uptime, format_vcpu_list,
+                                      gather_host_info, libxl_device_disk, libxl_domain_config,
+                                      uptime_to_string, vcpu_state, yajl_json)
 
 # ------------------------------------------------------------------------------- xl info
 
@@ -479,3 +480,47 @@ def test_yajl_layout() -> None:
     assert yajl_json(1.5) == "1.5\n" and yajl_json(2.0) == "2.0\n"
     with pytest.raises(TypeError):
         yajl_json(object())
+
+
+# ------------------------------------------------------------------------------- disks
+
+def test_libxl_device_disk_fields_in_idl_order_defaults_left_out() -> None:
+    rw = {"target": "/var/lib/pyxen/d.img", "vdev": "xvdb", "devid": 51728, "format": "raw",
+          "readonly": False, "cdrom": False, "discard": True, "spec": "d.img,raw,xvdb,rw"}
+    assert libxl_device_disk(rw) == {"pdev_path": "/var/lib/pyxen/d.img", "vdev": "xvdb",
+                                     "backend": "phy", "format": "raw", "readwrite": 1}
+    assert list(libxl_device_disk(rw)) == ["pdev_path", "vdev", "backend", "format",
+                                           "readwrite"]
+    ro = libxl_device_disk(dict(rw, readonly=True, discard=False))
+    assert "readwrite" not in ro and ro["discard_enable"] == "False"
+    cd = libxl_device_disk(dict(rw, format="qcow2", cdrom=True, readonly=True))
+    assert list(cd) == ["pdev_path", "vdev", "backend", "format", "removable", "is_cdrom"]
+    assert cd["backend"] == "qdisk" and cd["removable"] == cd["is_cdrom"] == 1
+    assert libxl_device_disk(dict(rw, format="vpc"))["format"] == "vhd"
+
+
+def test_list_long_with_pyxen_disks() -> None:
+    disk = {"target": "/img", "vdev": "xvdb", "format": "raw", "readonly": False}
+    text = format_list_long([dict(DOMAIN, disks=[libxl_device_disk(disk)])])
+    assert ('            "disks": [\n                {\n                    "pdev_path": "/img",\n'
+            '                    "vdev": "xvdb",\n                    "backend": "phy",\n'
+            '                    "format": "raw",\n                    "readwrite": 1\n'
+            '                }\n            ],\n') in text
+
+
+def test_block_list_golden() -> None:
+    """xl_block.c main_blocklist: %-5s %-3s %-6s %-5s %-6s %-8s %-30s header, %d rows."""
+    assert BLOCK_LIST_HEADER == ("Vdev  BE  handle state evt-ch ring-ref BE-path"
+                                 + " " * 23 + "\n")
+    rows = [{"devid": 51728, "backend_id": 0, "frontend_id": 3, "state": 4, "evtch": 8,
+             "ring_ref": 8, "be_path": "/local/domain/0/backend/vbd/3/51728"},
+            {"devid": 268439552, "frontend_id": 12, "state": 2,
+             "be_path": "/local/domain/0/backend/vbd/12/268439552"}]
+    assert format_block_list(rows) == (
+        BLOCK_LIST_HEADER
+        + "51728 0   3      4     8      8        /local/domain/0/backend/vbd/3/51728\n"
+        + "268439552 0   12     2     -1     -1       "
+          "/local/domain/0/backend/vbd/12/268439552\n")
+    short = format_block_list([dict(rows[0], be_path="/b")])
+    assert short.splitlines()[1].endswith("/b" + " " * 28)
+    assert format_block_list([]) == BLOCK_LIST_HEADER

@@ -1,14 +1,20 @@
 """xl-compatible subcommands: ``create``, ``list``, ``console``, ``shutdown``, ``reboot``,
 ``destroy``, ``pause``, ``unpause``, ``rename``, ``domid``, ``domname``, ``uptime``, ``info``,
-``dmesg``, ``vcpu-list``. They talk only to pyxend's API (:mod:`pyxen.cli.apiclient`); the
-console attaches to the socket pyxend names for the domain, as xl's console opens the pty
-named in xenstore.
+``dmesg``, ``vcpu-list``, ``block-attach``, ``block-detach``, ``block-list``. They talk only
+to pyxend's API (:mod:`pyxen.cli.apiclient`); the console attaches to the socket pyxend names
+for the domain, as xl's console opens the pty named in xenstore.
 
 ``create`` parses the xl.cfg file here, so a configuration error is reported as
 ``file:line: message`` before anything reaches the daemon. Relative ``kernel``/``ramdisk``
 paths are tried against the current directory (xl's rule), then the configuration file's
 directory, then pyxen's image store (``$PYXEN_CACHE_DIR/images``), where ``debian/vmlinuz``
 and ``debian/initrd.img`` name the default Debian image (fetched on first use).
+
+Disks: ``disk = [...]`` entries go to pyxend as spec strings with the configuration file's
+directory (relative targets are resolved there) and their ``file:line``; pyxend checks them
+(a missing image is ``file:line: disk spec '...': img: no such file``). ``block-attach DOM
+SPEC...`` joins its spec arguments with commas (xl parses them as one spec) and resolves a
+relative target against the current directory.
 """
 
 from __future__ import annotations
@@ -74,16 +80,18 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise ConfigError("kernel must be specified for a PVH domain", f"{path}:kernel")
     kernel = resolve_image_path(spec.kernel, cfg_dir, spec.where("kernel"))
     ramdisk = resolve_image_path(spec.ramdisk, cfg_dir, spec.where("ramdisk"))
-    if spec.disk or spec.vif:
-        print("pyxen: warning: disk/vif devices are not supported yet; ignored",
+    if spec.vif:
+        print("pyxen: warning: vif devices are not supported by create yet; ignored",
               file=sys.stderr)
     config = {k: v for k, v in dataclasses.asdict(spec).items() if k in CONFIG_KEYS}
     config.update(kernel=kernel, ramdisk=ramdisk)
+    disks = [{"spec": d, "cwd": cfg_dir, "where": spec.sources.get("disk")}
+             for d in spec.disk]
     if args.dry_run:
-        print(json.dumps(config, indent=4))
+        print(json.dumps(dict(config, disk=list(spec.disk)) if disks else config, indent=4))
         return 0
     api = connect()
-    res = api.post("/domains", {"config": config, "paused": args.paused})
+    res = api.post("/domains", {"config": config, "paused": args.paused, "disks": disks})
     assert isinstance(res, dict)
     if not args.quiet:
         print(f"Parsing config from {path}", file=sys.stderr)
@@ -135,13 +143,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _long_entry(d: dict) -> dict:
+    from pyxen.toolstack.xlformat import libxl_device_disk
     c = d.get("config", {})
     return {"domid": d["domid"], "name": d["name"], "uuid": d.get("uuid"), "type": "pvh",
             "memory_kib": c.get("memory", 0) * 1024, "maxmem_kib": c.get("maxmem", 0) * 1024,
             "vcpus": c.get("vcpus", 1), "maxvcpus": c.get("maxvcpus", 1),
             "kernel": c.get("kernel"), "ramdisk": c.get("ramdisk"),
             "cmdline": c.get("cmdline"), "on_poweroff": c.get("on_poweroff"),
-            "on_reboot": c.get("on_reboot"), "on_crash": c.get("on_crash")}
+            "on_reboot": c.get("on_reboot"), "on_crash": c.get("on_crash"),
+            "disks": [libxl_device_disk(x) for x in d.get("disks", [])]}
 
 
 def cmd_domid(args: argparse.Namespace) -> int:
@@ -277,6 +287,46 @@ def cmd_rename(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- disks
+
+def cmd_block_attach(args: argparse.Namespace) -> int:
+    api = connect()
+    api.post(f"/domains/{api.dom(args.domain)}/disks",
+             {"spec": ",".join(args.spec), "cwd": os.getcwd()})
+    return 0
+
+
+def cmd_block_detach(args: argparse.Namespace) -> int:
+    api = connect()
+    force = "true" if args.force else "false"
+    res = api.delete(f"/domains/{api.dom(args.domain)}/disks/{api.dom(args.device)}"
+                     f"?force={force}&timeout={args.timeout:g}")
+    if isinstance(res, dict) and not res.get("clean", True) and not args.force:
+        print(f"pyxen: warning: the guest did not release {args.device} within "
+              f"{args.timeout:g} s; it was removed anyway", file=sys.stderr)
+    return 0
+
+
+def cmd_block_list(args: argparse.Namespace) -> int:
+    from pyxen.toolstack.xlformat import BLOCK_LIST_HEADER, format_block_list
+    api = connect()
+    sys.stdout.write(BLOCK_LIST_HEADER)
+    for dom in args.domains:
+        if dom in ("0", "Domain-0"):
+            continue                            # dom0 has no virtual disks
+        try:
+            rows = api.get(f"/domains/{api.dom(dom)}/disks")
+        except ToolstackError as e:
+            if e.status not in (400, 404):
+                raise
+            print(f"{dom} is an invalid domain identifier", file=sys.stderr)
+            continue
+        assert isinstance(rows, list)
+        sys.stdout.write(format_block_list(rows)[len(BLOCK_LIST_HEADER):])
+    sys.stdout.flush()
+    return 0
+
+
 # ----------------------------------------------------------------------------- console
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -398,3 +448,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("vcpu-list", help="vCPUs of domains")
     v.add_argument("domains", nargs="*")
     v.set_defaults(func=cmd_vcpu_list)
+
+    b = sub.add_parser("block-attach", help="hot-plug a disk into a domain (xl disk spec)")
+    b.add_argument("domain")
+    b.add_argument("spec", nargs="+", metavar="DISK-SPEC-COMPONENT",
+                   help="e.g. img.raw,raw,xvdc,rw (several arguments are joined with commas)")
+    b.set_defaults(func=cmd_block_attach)
+    b = sub.add_parser("block-detach", help="unplug a disk (by vdev or device number)")
+    b.add_argument("-f", "--force", action="store_true",
+                   help="remove it without waiting for the guest to release it")
+    b.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds the guest has to release it (default 10)")
+    b.add_argument("domain")
+    b.add_argument("device", metavar="DEVID", help="xvdc or 51744")
+    b.set_defaults(func=cmd_block_detach)
+    b = sub.add_parser("block-list", help="list the disks of domains")
+    b.add_argument("domains", nargs="+")
+    b.set_defaults(func=cmd_block_list)

@@ -25,10 +25,20 @@ from pydantic import BaseModel, Field
 
 from pyxen.errors import ToolstackError
 from pyxen.toolstack.paths import Paths
-from pyxen.toolstack.pyxend import SHUTDOWN_TIMEOUT, Pyxend
+from pyxen.toolstack.pyxend import DETACH_TIMEOUT, SHUTDOWN_TIMEOUT, Pyxend
 
 log = logging.getLogger("pyxen.pyxend")
 API_VERSION = "v1"
+
+
+class DiskRequest(BaseModel):
+    spec: str = Field(description="an xl disk spec (xl-disk-configuration(5)), e.g. "
+                      "'img.raw,raw,xvdb,rw' or 'format=raw,vdev=xvdc,access=ro,target=/x.img'")
+    cwd: str | None = Field(None, description="absolute directory a relative target is "
+                            "resolved against (the config file's for create, the client's "
+                            "current directory for block-attach)")
+    where: str | None = Field(None, description="where the spec came from (file:line), "
+                              "prefixed to error messages")
 
 
 class CreateRequest(BaseModel):
@@ -36,6 +46,8 @@ class CreateRequest(BaseModel):
                          "maxvcpus, kernel, ramdisk, cmdline, on_poweroff, on_reboot, "
                          "on_crash, on_watchdog, accel, uuid")
     paused: bool = Field(False, description="leave the domain paused (xl create -p)")
+    disks: list[DiskRequest] = Field(default_factory=list,
+                                     description="the domain's disks (xl.cfg's disk = [...])")
 
 
 class ShutdownRequest(BaseModel):
@@ -75,8 +87,10 @@ def make_app(daemon: Pyxend) -> FastAPI:
 
     @app.post(f"{p}/domains", status_code=201, summary="create and start a domain")
     def create(req: CreateRequest) -> dict:
-        rec = daemon.create(req.config, paused=req.paused)
-        return {"domid": rec.domid, "name": rec.name, "console": rec.console}
+        rec = daemon.create(req.config, paused=req.paused,
+                            disks=[d.model_dump() for d in req.disks])
+        return {"domid": rec.domid, "name": rec.name, "console": rec.console,
+                "disks": rec.extra.get("disks", [])}
 
     @app.get(p + "/domains/{dom}", summary="one domain (by ID or name)")
     def get_domain(dom: str) -> dict:
@@ -117,6 +131,27 @@ def make_app(daemon: Pyxend) -> FastAPI:
         _not_dom0(dom)
         daemon.rename(dom, req.name)
         return {}
+
+    @app.get(p + "/domains/{dom}/disks",
+             summary="the domain's disks with their backend state (xl block-list)")
+    def list_disks(dom: str) -> list[dict]:
+        _not_dom0(dom)
+        return daemon.disk_list(dom)
+
+    @app.post(p + "/domains/{dom}/disks", status_code=201,
+              summary="hot-plug a disk into a running domain (xl block-attach)")
+    def attach_disk(dom: str, req: DiskRequest) -> dict:
+        _not_dom0(dom)
+        return daemon.disk_attach(dom, req.spec, req.cwd)
+
+    @app.delete(p + "/domains/{dom}/disks/{vdev}",
+                summary="unplug a disk (xl block-detach); vdev is a name (xvdc) or number")
+    def detach_disk(dom: str, vdev: str, force: bool = False,
+                    timeout: float = DETACH_TIMEOUT) -> dict:
+        _not_dom0(dom)
+        if not 0 < timeout <= 3600:
+            raise ToolstackError(f"timeout {timeout:g}: must be in (0, 3600] seconds", 400)
+        return daemon.disk_detach(dom, vdev, force=force, timeout=timeout)
 
     @app.get(f"{p}/dmesg", summary="the hypervisor's message ring (xl dmesg)")
     def dmesg(clear: bool = False) -> dict:

@@ -9,6 +9,15 @@ domain subscribes to the VMM's state stream and applies the domain's ``on_powero
 ``preserve`` (left in shutdown state), ``rename-restart`` (the old domain is kept as
 ``<name>--incarnation-<n>`` and a new one started).
 
+Disks (xl's ``disk = [...]``, ``block-attach``/``-detach``/``-list``): pyxend checks each spec
+(:func:`resolve_disk`: parsed, target made absolute against the client's directory, present
+and a file or block device) and hands the VMM :class:`~pyxen.vmm.devices.DiskConfig` dicts
+(``VmmSpec.disks`` at creation, ``device_add``/``device_remove`` while it runs). The record
+keeps the domain's current disk list in ``extra["disks"]``: ``list -l`` shows it and a
+restart (``on_reboot="restart"``) attaches the same disks again, hot-plugged ones included,
+as libxl keeps them in the domain's saved configuration. A disk writable by one running
+domain is not given to another (the check xl's ``block`` hotplug script makes).
+
 ``shutdown``/``reboot`` write ``control/shutdown`` in the guest's xenstore directory, as
 libxl does, and need the guest's ``control/feature-poweroff``/``-reboot``; with
 ``fallback`` the domain is shut down by the VMM instead when the guest has no PV control
@@ -25,6 +34,8 @@ import json
 import logging
 import os
 import select
+import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -37,8 +48,10 @@ from pyxen.errors import ToolstackError
 from pyxen.toolstack.paths import Paths
 from pyxen.toolstack.registry import CONFIG_KEYS, DomainRecord, Registry
 from pyxen.toolstack.spawn import start_detached, wait_until_up
-from pyxen.toolstack.vmmctl import VmmControl, VmmGone, vmm_call
+from pyxen.toolstack.vmmctl import VmmControl, VmmGone, vmm_call, vmm_request
 from pyxen.toolstack.xlcfg import ACTIONS
+from pyxen.toolstack.xldisk import DiskSpecError, disk_config, parse_disk_spec, vdev_to_devid
+from pyxen.vmm.devices import DiskConfig
 from pyxen.vmm.process import release_domain
 from pyxen.xenstore.client import XenstoreClient
 from pyxen.xenstore.store import XenstoreError
@@ -49,6 +62,8 @@ READY_TIMEOUT = 120.0                  # s for a VMM to build its domain
 SHUTDOWN_TIMEOUT = 60.0                # s a guest has to honour control/shutdown (fallback)
 XENSTORED_CHECK = 1.0                  # s between xenstored liveness checks
 XENSTORED_START_TIMEOUT = 15.0
+DEVICE_ADD_TIMEOUT = 60.0              # s for a VMM to attach a disk (opens it, starts blkback)
+DETACH_TIMEOUT = 10.0                  # s the guest has to close a detached disk (libxl's)
 ACTION_KEYS = {"poweroff": "on_poweroff", "reboot": "on_reboot", "crash": "on_crash",
                "watchdog": "on_watchdog", "soft_reset": "on_soft_reset"}
 _NAME_FORBIDDEN = set("/\0\n\t ")
@@ -64,6 +79,12 @@ class _Live:
     handled: bool = False                           # the shutdown action was taken
     destroying: bool = False
     gone: threading.Event = field(default_factory=threading.Event)
+    dev_lock: threading.Lock = field(default_factory=threading.Lock)   # disk attach/detach
+
+    @property
+    def disks(self) -> list[dict]:
+        """The domain's disks (DiskConfig dicts), as its record keeps them."""
+        return self.rec.extra.get("disks", [])
 
 
 class Pyxend:
@@ -123,8 +144,24 @@ class Pyxend:
                 continue
             live = _Live(rec)
             self.domains[rec.domid] = live
+            self._sync_disks(live)
             self.printk(f"d{rec.domid} ({rec.name}): re-attached to VMM pid {rec.pid}")
             self._monitor(live)
+
+    def _sync_disks(self, live: _Live) -> None:
+        """Make the record's disk list the VMM's (pyxend may have stopped between a
+        ``device_add``/``device_remove`` and saving the record)."""
+        try:
+            rows = vmm_call(live.rec.control, "device_list", timeout=5, kind="vbd")["devices"]
+        except (ToolstackError, OSError, ValueError, KeyError):
+            return
+        known = {d["devid"]: d for d in live.disks}
+        disks = [known.get(r["devid"]) or DiskConfig(
+            target=r["target"], vdev=r["vdev"], devid=r["devid"], format=r["format"],
+            readonly=r["readonly"]).to_dict() for r in rows]
+        if disks != live.disks:
+            live.rec.extra["disks"] = disks
+            self.registry.save(live.rec)
 
     def lookup(self, dom: str | int) -> _Live:
         """A domain by ID or name (xl's domain-id argument). 404 if there is none."""
@@ -138,16 +175,38 @@ class Pyxend:
         raise ToolstackError(f"domain {dom!r} does not exist", 404)
 
     # ----------------------------------------------------------------- create
-    def create(self, config: dict, paused: bool = False) -> DomainRecord:
+    def create(self, config: dict, paused: bool = False, disks: list | None = None, *,
+               disk_configs: list[DiskConfig] | None = None) -> DomainRecord:
+        """Create and start a domain. ``disks``: disk requests (``{"spec", "cwd", "where"}``
+        or bare spec strings) as the API takes them; ``disk_configs``: already resolved
+        disks (a restart), checked again."""
         cfg = validate_config(config)
+        wheres: dict[int, str] = {}
+        if disk_configs is None:
+            dcfgs = resolve_disks(disks or [], wheres)
+        else:
+            dcfgs = list(disk_configs)
+            for d in dcfgs:
+                try:
+                    check_disk_target(d)
+                except DiskSpecError as e:
+                    raise ToolstackError(str(e), 400) from None
         with self.lock:
             if any(lv.rec.name == cfg["name"] for lv in self.domains.values()) \
                     or cfg["name"] == "Domain-0":
                 raise ToolstackError(f"domain name {cfg['name']!r} is already in use", 409)
+            for d in dcfgs:
+                try:
+                    self._check_shared(d, None)
+                except ToolstackError as e:
+                    where = wheres.get(d.devid)
+                    raise ToolstackError(f"{where}: {e}" if where else str(e),
+                                         e.status) from None
             domid = self.registry.allocate_domid(set(self.domains))
             rec = DomainRecord(domid=domid, name=cfg["name"],
                                uuid=cfg.get("uuid") or str(uuidlib.uuid4()), config=cfg,
-                               created=time.time())
+                               created=time.time(),
+                               extra={"disks": [d.to_dict() for d in dcfgs]})
             live = _Live(rec)
             self.domains[domid] = live
         try:
@@ -158,7 +217,9 @@ class Pyxend:
             self.registry.remove(domid)
             raise
         self.printk(f"d{domid} ({rec.name}): created, {cfg['vcpus']} vCPU(s), "
-                    f"{cfg['memory']} MiB{' (paused)' if paused else ''}")
+                    f"{cfg['memory']} MiB"
+                    + "".join(f", {d.vdev} {d.target}" for d in dcfgs)
+                    + (" (paused)" if paused else ""))
         self._monitor(live)
         return rec
 
@@ -168,6 +229,7 @@ class Pyxend:
                 "kernel": cfg["kernel"], "ramdisk": cfg.get("ramdisk"),
                 "cmdline": cfg.get("cmdline") or "", "memory": cfg["memory"],
                 "vcpus": cfg["vcpus"], "accel": cfg.get("accel", "auto"), "paused": paused,
+                "disks": list(live.disks),
                 "run_dir": self.paths.vmm_run_dir, "log_dir": self.paths.log_dir,
                 "xenstored": self.paths.xenstored_socket}
         spec_path = self.registry.spec_path(rec.domid)
@@ -247,14 +309,16 @@ class Pyxend:
             if action in ("destroy", "coredump-destroy"):
                 self.destroy(rec.domid)
             elif action in ("restart", "coredump-restart", "soft-reset"):
+                disks = self._stored_disks(live)
                 self.destroy(rec.domid)
-                self.create(rec.config)
+                self.create(rec.config, disk_configs=disks)
             elif action == "rename-restart":
                 n = self._incarnations.get(rec.name, 0) + 1
                 self._incarnations[rec.name] = n
                 original = rec.name
                 self.rename(rec.domid, f"{original}--incarnation-{n}")
-                self.create(dict(rec.config, name=original, uuid=None))
+                self.create(dict(rec.config, name=original, uuid=None),
+                            disk_configs=self._stored_disks(live))
         except ToolstackError as e:
             self.printk(f"d{rec.domid} ({rec.name}): action {action} failed: {e}")
 
@@ -344,6 +408,124 @@ class Pyxend:
                 pass
         threading.Thread(target=fire, daemon=True).start()
 
+    # ----------------------------------------------------------------- disks
+    @staticmethod
+    def _stored_disks(live: _Live) -> list[DiskConfig]:
+        return [DiskConfig.from_dict(d) for d in live.disks]
+
+    def _save_if_current(self, live: _Live) -> None:
+        """Save the record unless the domain went away meanwhile (no stale record)."""
+        with self.lock:
+            if self.domains.get(live.rec.domid) is live:
+                self.registry.save(live.rec)
+
+    def _check_shared(self, dcfg: DiskConfig, exclude: _Live | None) -> None:
+        """409 if another running domain has ``dcfg``'s image and one of them may write it.
+        Caller holds ``self.lock``. Domains kept after a shutdown (preserve,
+        rename-restart) do not count: their guest no longer writes."""
+        real = os.path.realpath(dcfg.target)
+        for lv in self.domains.values():
+            if lv is exclude or lv.destroying or lv.state.get("state") == "shutdown":
+                continue
+            for d in lv.disks:
+                if os.path.realpath(d["target"]) == real and not (
+                        d.get("readonly") and dcfg.readonly):
+                    raise ToolstackError(
+                        f"disk spec {dcfg.spec or dcfg.target!r}: {dcfg.target} is in use by "
+                        f"domain {lv.rec.name!r} as {d['vdev']}"
+                        f"{'' if d.get('readonly') else ' (read-write)'}", 409)
+
+    def _require_live(self, live: _Live) -> None:
+        st = live.state.get("state")
+        if not live.rec.control or live.destroying or st in ("shutdown", "dying"):
+            raise ToolstackError(f"domain {live.rec.name!r} is "
+                                 f"{'being built' if not live.rec.control else st or 'dying'}",
+                                 409)
+
+    def disk_attach(self, dom: str | int, spec: str, cwd: str | None = None) -> dict:
+        """``xl block-attach``: check ``spec``, hot-plug it into the running domain and
+        record it. Returns the device's ``block-list`` row (the guest connects to it
+        asynchronously: its state may still be below Connected)."""
+        live = self.lookup(dom)
+        rec = live.rec
+        dcfg = resolve_disk(spec, cwd)
+        with live.dev_lock:
+            self._require_live(live)
+            real = os.path.realpath(dcfg.target)
+            for d in live.disks:
+                if d["devid"] == dcfg.devid:
+                    alias = "" if d["vdev"] == dcfg.vdev else f" (as {d['vdev']})"
+                    raise ToolstackError(f"disk spec {spec!r}: vdev {dcfg.vdev} is already in "
+                                         f"use in domain {rec.name!r}{alias}", 409)
+                if os.path.realpath(d["target"]) == real and not (
+                        d.get("readonly") and dcfg.readonly):
+                    raise ToolstackError(f"disk spec {spec!r}: {dcfg.target} is already "
+                                         f"attached to domain {rec.name!r} as {d['vdev']}", 409)
+            with self.lock:
+                self._check_shared(dcfg, live)
+            try:
+                vmm_request(rec.control, {"op": "device_add", "kind": "vbd",
+                                          "config": dcfg.to_dict()},
+                            timeout=DEVICE_ADD_TIMEOUT, error_status=400)
+            except VmmGone:
+                raise
+            except ToolstackError as e:
+                msg = str(e)
+                status = 409 if ("in use" in msg or "already attached" in msg) else 400
+                raise ToolstackError(msg if spec in msg else f"disk spec {spec!r}: {msg}",
+                                     status) from None
+            rec.extra["disks"] = live.disks + [dcfg.to_dict()]
+            self._save_if_current(live)
+        self.printk(f"d{rec.domid} ({rec.name}): disk {dcfg.target} attached as {dcfg.vdev}")
+        row = next((r for r in self.disk_list(rec.domid) if r["devid"] == dcfg.devid), None)
+        return row or {"vdev": dcfg.vdev, "devid": dcfg.devid, "frontend_id": rec.domid,
+                       "target": dcfg.target, "format": dcfg.format,
+                       "readonly": dcfg.readonly}
+
+    def disk_detach(self, dom: str | int, device: str, force: bool = False,
+                    timeout: float = DETACH_TIMEOUT) -> dict:
+        """``xl block-detach``: ``device`` is a vdev (``xvdc``) or its number. Without
+        ``force`` the guest is asked to close it first (``timeout`` seconds; then it is
+        removed anyway and ``clean`` is false)."""
+        live = self.lookup(dom)
+        rec = live.rec
+        try:
+            devid = vdev_to_devid(str(device))
+        except DiskSpecError:
+            devid = None
+        with live.dev_lock:
+            entry = next((d for d in live.disks if d["devid"] == devid), None)
+            if entry is None:
+                raise ToolstackError(f"domain {rec.name!r}: device {device} not connected", 404)
+            req = {"op": "device_remove", "kind": "vbd", "device": str(devid),
+                   "force": bool(force), "timeout": float(timeout)}
+            try:
+                reply = vmm_request(rec.control, req, timeout=timeout + 30, error_status=409)
+            except VmmGone:
+                raise
+            except ToolstackError as e:
+                if "has no disk" not in str(e):
+                    raise
+                reply = {"clean": False}                # the VMM had dropped it already
+            rec.extra["disks"] = [d for d in live.disks if d["devid"] != devid]
+            self._save_if_current(live)
+        clean = bool(reply.get("clean"))
+        how = " (forced)" if force else "" if clean else " (the guest did not close it)"
+        self.printk(f"d{rec.domid} ({rec.name}): disk {entry['vdev']} detached{how}")
+        return {"vdev": entry["vdev"], "devid": devid, "clean": clean}
+
+    def disk_list(self, dom: str | int) -> list[dict]:
+        """``xl block-list`` rows of the domain's disks (the VMM's view: backend state,
+        event channel, ring reference, backend path) plus ``frontend_id``."""
+        live = self.lookup(dom)
+        if not live.rec.control:
+            return []
+        try:
+            rows = vmm_call(live.rec.control, "device_list", timeout=10, kind="vbd")["devices"]
+        except VmmGone:
+            return []
+        return [dict(r, frontend_id=live.rec.domid) for r in rows]
+
     # ----------------------------------------------------------------- queries
     def domain_info(self, dom: str | int) -> dict:
         live = self.lookup(dom)
@@ -358,7 +540,7 @@ class Pyxend:
         st.pop("ok", None)
         return {"domid": live.rec.domid, "name": live.rec.name, "uuid": live.rec.uuid,
                 "config": live.rec.config, "console": live.rec.console, "pid": live.rec.pid,
-                "created": live.rec.created, "status": st}
+                "created": live.rec.created, "disks": list(live.disks), "status": st}
 
     def guest_memory_mib(self) -> int:
         """Memory given to all domains (their configurations), MiB."""
@@ -446,6 +628,88 @@ def validate_config(config: dict) -> dict:
             raise ToolstackError(f"config key 'uuid': {cfg['uuid']!r} is not a UUID",
                                  400) from None
     return cfg
+
+
+def resolve_disks(requests: list, wheres: dict[int, str] | None = None) -> list[DiskConfig]:
+    """:func:`resolve_disk` for each request of a create (a dict ``{"spec", "cwd", "where"}``
+    or a bare spec string); two disks with one vdev, or one image writable twice, are 400.
+    ``wheres`` (if given) gets each disk's ``where`` by devid."""
+    if not isinstance(requests, list):
+        raise ToolstackError("disks must be a list", 400)
+    out: list[DiskConfig] = []
+    for req in requests:
+        if isinstance(req, str):
+            req = {"spec": req}
+        if not isinstance(req, dict):
+            raise ToolstackError("each disk must be a spec string or {\"spec\", \"cwd\"}", 400)
+        where = req.get("where")
+        dcfg = resolve_disk(req.get("spec"), req.get("cwd"), where)
+        pre = f"{where}: " if where else ""
+        for o in out:
+            if o.devid == dcfg.devid:
+                raise ToolstackError(f"{pre}disk spec {dcfg.spec!r}: vdev {dcfg.vdev} used "
+                                     f"twice (also in {o.spec!r})", 400)
+            if os.path.realpath(o.target) == os.path.realpath(dcfg.target) and not (
+                    o.readonly and dcfg.readonly):
+                raise ToolstackError(f"{pre}disk spec {dcfg.spec!r}: {dcfg.target} is "
+                                     f"already used as {o.vdev}", 400)
+        out.append(dcfg)
+        if wheres is not None and where:
+            wheres[dcfg.devid] = where
+    return out
+
+
+def resolve_disk(text: object, cwd: object = None, where: str | None = None) -> DiskConfig:
+    """The VMM's DiskConfig for disk spec ``text``: parsed (xl's grammar), the target made
+    absolute against ``cwd`` (the client's directory: the config file's for ``create``, the
+    shell's for ``block-attach``) and checked (:func:`check_disk_target`). A fault is 400,
+    ``[where: ]disk spec '<text>': <reason>``."""
+    if not isinstance(text, str) or not text.strip():
+        raise ToolstackError(f"{where + ': ' if where else ''}a disk spec (string) is required",
+                             400)
+    try:
+        spec = parse_disk_spec(text)
+        if spec.backend not in (None, "0", "Domain-0"):
+            raise DiskSpecError(text, f"backend={spec.backend}: disks are served by dom0 "
+                                      "only (no driver domains)")
+        if spec.script:
+            raise DiskSpecError(text, f"script={spec.script}: block hotplug scripts are "
+                                      "not supported")
+        if spec.specification != "xen":
+            raise DiskSpecError(text, f"specification={spec.specification} is not supported")
+        if spec.target and not os.path.isabs(spec.target):
+            if not isinstance(cwd, str) or not os.path.isabs(cwd):
+                raise DiskSpecError(text, f"{spec.target}: a relative target needs the "
+                                          "client's directory (cwd, an absolute path)")
+        dcfg = disk_config(spec, cwd if isinstance(cwd, str) else None)
+        check_disk_target(dcfg, spec.target)
+    except DiskSpecError as e:
+        raise ToolstackError(f"{where}: {e}" if where else str(e), 400) from None
+    return dcfg
+
+
+def check_disk_target(dcfg: DiskConfig, shown: str | None = None) -> None:
+    """DiskSpecError unless ``dcfg.target`` is a file or block device this process may open
+    as asked, and its format can be served (non-raw formats need qemu-storage-daemon).
+    ``shown`` is the target as the user wrote it (named in the message)."""
+    shown = shown or dcfg.target
+
+    def bad(msg: str) -> DiskSpecError:
+        return DiskSpecError(dcfg.spec or dcfg.target, f"{shown}: {msg}")
+    try:
+        st = os.stat(dcfg.target)
+    except FileNotFoundError:
+        raise bad("no such file") from None
+    except OSError as e:
+        raise bad(e.strerror or str(e)) from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise bad("is neither a file nor a block device")
+    if not os.access(dcfg.target, os.R_OK if dcfg.readonly else os.R_OK | os.W_OK):
+        raise bad("permission denied" + ("" if dcfg.readonly else
+                                         " (read-write; use access=ro for read-only)"))
+    if dcfg.format != "raw" and shutil.which("qemu-storage-daemon") is None:
+        raise bad(f"format {dcfg.format} needs qemu-storage-daemon (Debian package "
+                  "qemu-system-common) on the PATH")
 
 
 def _check_name(name: str) -> None:

@@ -55,13 +55,19 @@ class VmmControl:
         return json.loads(line)
 
     def call(self, op: str, **args: object) -> dict:
+        return self.request({"op": op, **args})
+
+    def request(self, req: dict, error_status: int = 409) -> dict:
+        """Send ``req`` (a dict with ``op``) as is; an ``ok: false`` reply raises
+        ToolstackError(error, ``error_status``). Needed when an argument is called
+        ``timeout`` (``device_remove``), which :meth:`call`'s callers use for the socket."""
         try:
-            self.sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            self.sock.sendall(json.dumps(req).encode() + b"\n")
         except OSError as e:
             raise VmmGone(f"VMM at {self.path}: {e}") from None
         reply = self._line()
         if not reply.get("ok"):
-            raise ToolstackError(str(reply.get("error", "VMM request failed")), 409)
+            raise ToolstackError(str(reply.get("error", "VMM request failed")), error_status)
         return reply
 
     def events(self) -> Iterator[dict]:
@@ -80,3 +86,10 @@ def vmm_call(path: str, op: str, timeout: float = 10.0, **args: object) -> dict:
     """One request on a fresh connection."""
     with VmmControl(path, timeout) as c:
         return c.call(op, **args)
+
+
+def vmm_request(path: str, req: dict, timeout: float = 10.0, error_status: int = 409) -> dict:
+    """:meth:`VmmControl.request` on a fresh connection; ``timeout`` is the socket's (a
+    deferred op such as ``device_add`` may take seconds before it answers)."""
+    with VmmControl(path, timeout) as c:
+        return c.request(req, error_status)

@@ -37,7 +37,15 @@ host (``/proc``, ``/sys``, ``os.uname()``, ``/dev/cpu/0/cpuid``).
     ``libxl_retrieve_domain_configuration`` returns for a domain xl created from an xl.cfg:
     the parsed config as saved at creation (with libxl's post-create updates: uuid,
     ``video_memkb`` 0, ``arch_x86.msr_relaxed``), refreshed with the live name, uuid, online
-    vCPUs, memory target/max and scheduler parameters. See :func:`libxl_domain_config`.
+    vCPUs, memory target/max and scheduler parameters. See :func:`libxl_domain_config`;
+    :func:`libxl_device_disk` gives the entries of its ``disks`` array.
+
+``xl block-list``
+    Header and rows of xl_block.c ``main_blocklist``: ``"%-5s %-3s %-6s %-5s %-6s %-8s
+    %-30s\n"`` of Vdev/BE/handle/state/evt-ch/ring-ref/BE-path, then per disk ``"%-5d %-3d
+    %-6d %-5d %-6d %-8d %-30s\n"`` of the virtual-device *number*, backend domid, frontend
+    domid, backend state, event channel, ring reference and backend path (so the last
+    column is padded with blanks to 30). See :func:`format_block_list`.
 """
 
 from __future__ import annotations
@@ -49,9 +57,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = [
-    "DEFAULT_VIRT_CAPS", "HostInfo", "INVALID_DOMID", "PVH_XEN_CAPS", "UPTIME_HEADER",
-    "VCPU_LIST_HEADER", "VcpuRow", "format_cpumap", "format_info", "format_list_long",
-    "format_uptime", "format_vcpu_list", "gather_host_info", "libxl_domain_config",
+    "BLOCK_LIST_HEADER", "DEFAULT_VIRT_CAPS", "HostInfo", "INVALID_DOMID", "PVH_XEN_CAPS",
+    "UPTIME_HEADER", "VCPU_LIST_HEADER", "VcpuRow", "format_block_list", "format_cpumap",
+    "format_info", "format_list_long", "format_uptime", "format_vcpu_list",
+    "gather_host_info", "libxl_device_disk", "libxl_domain_config",
     "uptime_to_string", "VIRT_CAPS_ORDER", "vcpu_state", "yajl_json",
 ]
 
@@ -633,3 +642,61 @@ def format_list_long(domains: Sequence[Mapping[str, Any]]) -> str:
     return yajl_json(items) + "\n"
 
 
+
+
+_DISK_FORMATS = ("qcow", "qcow2", "vhd", "raw", "empty", "qed")    # libxl_disk_format names
+
+
+def libxl_device_disk(disk: Mapping[str, Any]) -> dict[str, Any]:
+    """One ``disks`` entry of ``xl list -l`` (libxl_device_disk through gen_json) for a
+    pyxen disk (a :class:`~pyxen.vmm.devices.DiskConfig` dict: ``target``, ``vdev``,
+    ``format``, ``readonly``, ``cdrom``, ``discard``).
+
+    Fields in libxl_types.idl order, each only when it differs from libxl's default:
+    ``pdev_path``, ``vdev``, ``backend`` (``phy`` for raw images, which blkback serves
+    directly; ``qdisk`` for the formats QEMU serves), ``format``, ``removable`` (1 for a
+    cdrom, as xl's parser sets it), ``readwrite`` (1 unless read-only), ``is_cdrom`` (1 for
+    a cdrom) and ``discard_enable`` ("False" only when ``no-discard`` was asked for: xl's
+    parser leaves the defbool at its default otherwise). The backend domain (dom0) is the
+    default and never shown."""
+    fmt = disk.get("format") or "raw"
+    if fmt == "vpc":
+        fmt = "vhd"
+    cdrom = bool(disk.get("cdrom"))
+    out: dict[str, Any] = {}
+    if disk.get("target"):
+        out["pdev_path"] = disk["target"]
+    out["vdev"] = disk["vdev"]
+    out["backend"] = "phy" if fmt == "raw" else "qdisk"
+    if fmt in _DISK_FORMATS:
+        out["format"] = fmt
+    if cdrom:
+        out["removable"] = 1
+    if not (disk.get("readonly") or cdrom):
+        out["readwrite"] = 1
+    if cdrom:
+        out["is_cdrom"] = 1
+    if disk.get("discard", True) is False:
+        out["discard_enable"] = "False"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# xl block-list
+# --------------------------------------------------------------------------------------------
+
+BLOCK_LIST_HEADER = "%-5s %-3s %-6s %-5s %-6s %-8s %-30s\n" % (
+    "Vdev", "BE", "handle", "state", "evt-ch", "ring-ref", "BE-path")
+
+
+def format_block_list(rows: Iterable[Mapping[str, Any]]) -> str:
+    """``xl block-list`` output: :data:`BLOCK_LIST_HEADER`, then one line per disk from a
+    mapping with ``devid``, ``backend_id``, ``frontend_id``, ``state``, ``evtch``,
+    ``ring_ref`` and ``be_path`` (the event channel and ring reference are -1 until the
+    guest's frontend has published them)."""
+    out = [BLOCK_LIST_HEADER]
+    for r in rows:
+        out.append("%-5d %-3d %-6d %-5d %-6d %-8d %-30s\n" % (
+            r["devid"], r.get("backend_id", 0), r["frontend_id"], r["state"],
+            r.get("evtch", -1), r.get("ring_ref", -1), r["be_path"]))
+    return "".join(out)

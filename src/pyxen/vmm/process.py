@@ -32,9 +32,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pyxen.errors import PyxenError
 from pyxen.vmm.builder import DomainConfig, Vmm, build
+from pyxen.vmm.devices import DeviceManager, DiskConfig
 from pyxen.xen.abi import xen as X
 from pyxen.xenstore.client import XenstoreClient
 from pyxen.xenstore.store import XenstoreError
@@ -43,7 +45,9 @@ log = logging.getLogger("pyxen.vmm")
 
 #: SHUTDOWN_* codes (xen/include/public/sched.h) by pyxen's reason names
 REASON_CODES = {name: code for code, name in X.SHUTDOWN_NAMES.items()}
-OPS = ("info", "pause", "unpause", "shutdown", "destroy", "rename", "subscribe")
+OPS = ("info", "pause", "unpause", "shutdown", "destroy", "rename", "subscribe",
+       "device_add", "device_remove", "device_list")
+DEVICE_KINDS = ("vbd",)
 _CONSOLE_CLIENT_MAX = 1 << 20          # bytes queued for a console client before it is cut
 
 
@@ -64,6 +68,7 @@ class VmmSpec:
     cmdline: str = ""
     accel: str = "auto"
     paused: bool = False
+    disks: list[dict] = field(default_factory=list)      # DiskConfig.to_dict() each
 
     @classmethod
     def from_dict(cls, d: dict) -> VmmSpec:
@@ -74,6 +79,14 @@ class VmmSpec:
 
     def console_path(self) -> str:
         return os.path.join(self.run_dir, f"{self.domid}.console")
+
+
+class _Deferred:
+    """A control op that takes time (device hot-plug waits for the guest): it runs on its
+    own thread and its reply is sent from the main loop when it is done."""
+
+    def __init__(self, fn: Callable[[], dict | None]) -> None:
+        self.fn = fn
 
 
 @dataclass
@@ -100,6 +113,7 @@ class VmmProcess:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._console_pending = bytearray()
+        self._replies: list[tuple[_Peer, dict]] = []
         self._state_changed = False
         self._exit = False
         os.makedirs(spec.log_dir, exist_ok=True)
@@ -161,6 +175,7 @@ class VmmProcess:
                     if events & selectors.EVENT_WRITE and peer.sock.fileno() >= 0:
                         self._flush(peer)
             self._pump_console()
+            self._send_replies()
             if self._state_changed:
                 self._state_changed = False
                 self._broadcast_state()
@@ -198,9 +213,33 @@ class VmmProcess:
         while b"\n" in peer.inbuf:
             line, _, rest = bytes(peer.inbuf).partition(b"\n")
             peer.inbuf[:] = rest
-            self._send(peer, self._control(peer, line))
+            reply = self._control(peer, line)
+            if isinstance(reply, _Deferred):
+                threading.Thread(target=self._run_deferred, args=(peer, reply), daemon=True,
+                                 name="vmm-op").start()
+            else:
+                self._send(peer, reply)
         if len(peer.inbuf) > 65536:
             self._drop(peer)
+
+    def _run_deferred(self, peer: _Peer, op: _Deferred) -> None:
+        try:
+            reply = {"ok": True, **(op.fn() or {})}
+        except (PyxenError, ValueError, RuntimeError) as e:
+            reply = {"ok": False, "error": str(e)}
+        except Exception as e:                       # a bug must not take the domain down
+            log.exception("d%d: control op failed", self.domain.domid)
+            reply = {"ok": False, "error": f"internal error: {e}"}
+        with self._lock:
+            self._replies.append((peer, reply))
+        self._wake()
+
+    def _send_replies(self) -> None:
+        with self._lock:
+            replies, self._replies = self._replies, []
+        for peer, reply in replies:
+            if self.peers.get(peer.sock.fileno()) is peer:
+                self._send(peer, reply)
 
     def _send(self, peer: _Peer, obj: dict) -> None:
         peer.out += json.dumps(obj).encode() + b"\n"
@@ -253,7 +292,7 @@ class VmmProcess:
                 self._send(peer, {"event": "state", **st})
 
     # ----------------------------------------------------------------- control requests
-    def _control(self, peer: _Peer, line: bytes) -> dict:
+    def _control(self, peer: _Peer, line: bytes) -> dict | _Deferred:
         try:
             req = json.loads(line)
             op = req.get("op") if isinstance(req, dict) else None
@@ -262,7 +301,10 @@ class VmmProcess:
         if op not in OPS:
             return {"ok": False, "error": f"unknown op {op!r}"}
         try:
-            return {"ok": True, **(getattr(self, f"_op_{op}")(peer, req) or {})}
+            out = getattr(self, f"_op_{op}")(peer, req)
+            if isinstance(out, _Deferred):
+                return out
+            return {"ok": True, **(out or {})}
         except (PyxenError, ValueError, RuntimeError) as e:
             return {"ok": False, "error": str(e)}
 
@@ -303,6 +345,50 @@ class VmmProcess:
             raise ValueError("rename needs a non-empty name")
         self.domain.name = name
         self.spec.name = name
+
+    # --- devices (xl block-attach/-detach/-list)
+    def _devices(self, req: dict) -> DeviceManager:
+        kind = req.get("kind")
+        if kind not in DEVICE_KINDS:
+            raise ValueError(f"unknown device kind {kind!r} (one of {', '.join(DEVICE_KINDS)})")
+        if self.vmm.devices is None:
+            raise ValueError("this domain has no device manager")
+        return self.vmm.devices
+
+    def _op_device_add(self, _peer: _Peer, req: dict) -> _Deferred:
+        self._require_live()
+        devices = self._devices(req)
+        conf = req.get("config")
+        if not isinstance(conf, dict):
+            raise ValueError("device_add needs a config object")
+        try:
+            cfg = DiskConfig.from_dict(conf)
+        except TypeError as e:
+            raise ValueError(f"bad disk config: {e}") from e
+
+        def add() -> dict:
+            be = devices.add_disk(cfg)
+            self.spec.disks.append(cfg.to_dict())
+            return {"devid": be.devid}
+        return _Deferred(add)
+
+    def _op_device_remove(self, _peer: _Peer, req: dict) -> _Deferred:
+        devices = self._devices(req)
+        name = str(req.get("device", ""))
+        devid = devices.find_disk(name)
+        if devid is None:
+            raise ValueError(f"domain {self.domain.name} has no disk {name!r}")
+        timeout = float(req.get("timeout", 10.0))
+        force = bool(req.get("force", False))
+
+        def remove() -> dict:
+            clean = devices.remove_disk(devid, timeout=timeout, force=force)
+            self.spec.disks = [d for d in self.spec.disks if d.get("devid") != devid]
+            return {"devid": devid, "clean": clean}
+        return _Deferred(remove)
+
+    def _op_device_list(self, _peer: _Peer, req: dict) -> dict:
+        return {"devices": self._devices(req).list_disks()}
 
     def state(self) -> dict:
         d = self.domain
@@ -397,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DomainConfig(kernel=spec.kernel, name=spec.name, memory=spec.memory,
                        vcpus=spec.vcpus, cmdline=spec.cmdline, modules=modules,
                        accel=spec.accel, domid=spec.domid, xenstored=spec.xenstored,
-                       uuid=spec.uuid)
+                       uuid=spec.uuid, run_dir=spec.run_dir,
+                       disks=[DiskConfig.from_dict(d) for d in spec.disks])
     try:
         vmm = build(cfg, stream=lambda ch, data: holder["p"].console_output(ch, data)
                     if "p" in holder else None)
