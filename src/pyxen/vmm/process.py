@@ -36,7 +36,7 @@ from typing import Callable
 
 from pyxen.errors import PyxenError
 from pyxen.vmm.builder import DomainConfig, Vmm, build
-from pyxen.vmm.devices import DeviceManager, DiskConfig
+from pyxen.vmm.devices import DeviceManager, DiskConfig, NicConfig
 from pyxen.xen.abi import xen as X
 from pyxen.xenstore.client import XenstoreClient
 from pyxen.xenstore.store import XenstoreError
@@ -47,7 +47,7 @@ log = logging.getLogger("pyxen.vmm")
 REASON_CODES = {name: code for code, name in X.SHUTDOWN_NAMES.items()}
 OPS = ("info", "pause", "unpause", "shutdown", "destroy", "rename", "subscribe",
        "device_add", "device_remove", "device_list")
-DEVICE_KINDS = ("vbd",)
+DEVICE_KINDS = ("vbd", "vif")
 _CONSOLE_CLIENT_MAX = 1 << 20          # bytes queued for a console client before it is cut
 
 
@@ -69,6 +69,7 @@ class VmmSpec:
     accel: str = "auto"
     paused: bool = False
     disks: list[dict] = field(default_factory=list)      # DiskConfig.to_dict() each
+    nics: list[dict] = field(default_factory=list)       # NicConfig.to_dict() each
 
     @classmethod
     def from_dict(cls, d: dict) -> VmmSpec:
@@ -361,6 +362,17 @@ class VmmProcess:
         conf = req.get("config")
         if not isinstance(conf, dict):
             raise ValueError("device_add needs a config object")
+        if req["kind"] == "vif":
+            try:
+                ncfg = NicConfig.from_dict(conf)
+            except TypeError as e:
+                raise ValueError(f"bad vif config: {e}") from e
+
+            def add_nic() -> dict:
+                be = devices.add_nic(ncfg)
+                self.spec.nics.append(ncfg.to_dict())
+                return {"devid": be.devid, "vifname": be.tap.name}
+            return _Deferred(add_nic)
         try:
             cfg = DiskConfig.from_dict(conf)
         except TypeError as e:
@@ -375,11 +387,21 @@ class VmmProcess:
     def _op_device_remove(self, _peer: _Peer, req: dict) -> _Deferred:
         devices = self._devices(req)
         name = str(req.get("device", ""))
+        timeout = float(req.get("timeout", 10.0))
+        force = bool(req.get("force", False))
+        if req["kind"] == "vif":
+            nid = devices.find_nic(name)
+            if nid is None:
+                raise ValueError(f"domain {self.domain.name} has no vif {name!r}")
+
+            def remove_nic() -> dict:
+                clean = devices.remove_nic(nid, timeout=timeout, force=force)
+                self.spec.nics = [d for d in self.spec.nics if d.get("devid") != nid]
+                return {"devid": nid, "clean": clean}
+            return _Deferred(remove_nic)
         devid = devices.find_disk(name)
         if devid is None:
             raise ValueError(f"domain {self.domain.name} has no disk {name!r}")
-        timeout = float(req.get("timeout", 10.0))
-        force = bool(req.get("force", False))
 
         def remove() -> dict:
             clean = devices.remove_disk(devid, timeout=timeout, force=force)
@@ -388,7 +410,8 @@ class VmmProcess:
         return _Deferred(remove)
 
     def _op_device_list(self, _peer: _Peer, req: dict) -> dict:
-        return {"devices": self._devices(req).list_disks()}
+        devices = self._devices(req)
+        return {"devices": devices.list_nics() if req["kind"] == "vif" else devices.list_disks()}
 
     def state(self) -> dict:
         d = self.domain
@@ -484,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                        vcpus=spec.vcpus, cmdline=spec.cmdline, modules=modules,
                        accel=spec.accel, domid=spec.domid, xenstored=spec.xenstored,
                        uuid=spec.uuid, run_dir=spec.run_dir,
-                       disks=[DiskConfig.from_dict(d) for d in spec.disks])
+                       disks=[DiskConfig.from_dict(d) for d in spec.disks],
+                       nics=[NicConfig.from_dict(n) for n in spec.nics])
     try:
         vmm = build(cfg, stream=lambda ch, data: holder["p"].console_output(ch, data)
                     if "p" in holder else None)
