@@ -62,6 +62,8 @@ class _Queue:
         self.ring = ring
         self.port = port
         self.wake = threading.Event()
+        self.lock = threading.Lock()               # held by whoever serves the ring
+        self.inline = dev.inline
         self.stopping = False
         self.broken = False
         self.persistent: dict[int, tuple[memoryview, int]] = {}
@@ -70,6 +72,19 @@ class _Queue:
                                        name=f"blkback-d{dev.domid}-{dev.devid}-q{index}")
 
     def kick(self) -> None:
+        """The frontend notified (its vCPU's thread, inside the hypercall). Reads and writes
+        are served right here when no other thread holds the ring -- a page-cache copy is
+        cheaper than waking the worker -- up to the first flush/barrier, which (with anything
+        after it) goes to the worker so a vCPU never waits on fdatasync."""
+        if self.inline and not self.stopping and self.lock.acquire(blocking=False):
+            try:
+                if self._service(inline=True):
+                    return
+            except RingError as e:
+                self._broken(e)
+                return
+            finally:
+                self.lock.release()
         self.wake.set()
 
     def stop(self) -> None:
@@ -77,12 +92,41 @@ class _Queue:
         self.wake.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=10)
-        for gref in self.persistent:
-            self.dev.guest.unpin_grant(gref, True)
-        self.persistent.clear()
+        with self.lock:
+            for gref in self.persistent:
+                self.dev.guest.unpin_grant(gref, True)
+            self.persistent.clear()
+
+    def _service(self, inline: bool) -> bool:
+        """Serve pending requests until the ring is idle (req_event armed): True. With
+        ``inline``, stop before a slow request and return False (the worker takes over).
+        Caller holds :attr:`lock`."""
+        ring, guest = self.ring, self.dev.guest
+        while not self.stopping:
+            entries = ring.peek(BATCH)
+            done = 0
+            for entry in entries:
+                if inline and entry[0] not in (B.OP_READ, B.OP_WRITE, B.OP_INDIRECT):
+                    break
+                ring.put_response(self.dev.handle(entry, self))
+                done += 1
+            ring.advance(done)
+            if ring.push_responses():
+                guest.notify(self.port)
+            guest.mark_dirty_gfns(self.ring_gfns)          # responses, req_event
+            if done < len(entries):
+                return False
+            if not ring.final_check():
+                return True
+        return True
+
+    def _broken(self, e: RingError) -> None:
+        self.broken = True
+        self.stopping = True
+        why = f"queue {self.index}: {e}"
+        self.dev.bus.call_soon(lambda: self.dev.fatal(why))
 
     def _run(self) -> None:
-        ring, guest = self.ring, self.dev.guest
         self.wake.set()                            # requests queued before we bound the port
         while True:
             self.wake.wait()
@@ -90,18 +134,10 @@ class _Queue:
             if self.stopping:
                 return
             try:
-                while not self.stopping:
-                    for entry in ring.take(BATCH):
-                        ring.put_response(self.dev.handle(entry, self))
-                    if ring.push_responses():
-                        guest.notify(self.port)
-                    guest.mark_dirty_gfns(self.ring_gfns)     # responses, req_event
-                    if not ring.final_check():
-                        break
+                with self.lock:
+                    self._service(inline=False)
             except RingError as e:
-                self.broken = True
-                why = f"queue {self.index}: {e}"
-                self.dev.bus.call_soon(lambda: self.dev.fatal(why))
+                self._broken(e)
                 return
 
 
@@ -111,12 +147,14 @@ class BlkBackend(XenbusBackend):
     kind = "vbd"
 
     def __init__(self, bus: BackendBus, guest: DomainGuestAccess, devid: int,
-                 disk: DiskImage, *, discard: bool = True, max_queues: int = MAX_QUEUES) -> None:
+                 disk: DiskImage, *, discard: bool = True, max_queues: int = MAX_QUEUES,
+                 inline: bool = True) -> None:
         super().__init__(bus, guest.domid, devid)
         self.guest = guest
         self.disk = disk
         self.discard = discard and disk.can_discard
         self.max_queues = max_queues
+        self.inline = inline
         self.queues: list[_Queue] = []
         self.persistent = False
         self.stats = BlkStats()
