@@ -16,6 +16,9 @@ command -v patch >/dev/null || need+=(patch)
 command -v g++ >/dev/null || need+=(g++)
 # Debian's real xenstore clients, used by the xenstored tests
 command -v xenstore-read >/dev/null || need+=(xenstore-utils)
+# qcow2 (and other QEMU formats) disks: qemu-storage-daemon exports them as raw files (FUSE)
+command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
     echo "pyxen setup: installing ${need[*]}" >&2
