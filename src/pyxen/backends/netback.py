@@ -162,9 +162,11 @@ class NetBackend(XenbusBackend):
             self.guest.unbind_port(self.rx_port)
         self.tx = self.rx = None
 
-    def stop(self) -> None:
+    def stop(self, keep_tap: bool = False) -> None:
+        """Stop serving; the TAP is deleted unless ``keep_tap`` (a restart hands it on)."""
         super().stop()
-        self.tap.close()
+        if not keep_tap:
+            self.tap.close()
         for fd in (self._kick_r, self._kick_w):
             try:
                 os.close(fd)

@@ -356,10 +356,25 @@ class XenbusBackend:
         """Stop serving and release rings and ports (idempotent)."""
 
     # --- machinery
-    def start(self) -> None:
+    def start(self, reattach: bool = False) -> None:
+        """Probe and wait for the frontend. With ``reattach`` (a restarted backend taking
+        over a device another instance served): if the backend node says Connected and the
+        frontend is connected, attach to the frontend's existing rings and ports straight
+        away -- the ring state is all in the shared pages -- so the frontend carries on
+        without noticing; otherwise the normal handshake."""
         with self.lock:
             self.probe()
-            self.switch(INITWAIT)
+            be_state = self.bus.try_read(f"{self.be}/state")
+            if (reattach and be_state == str(CONNECTED).encode()
+                    and self.frontend_state() in (INITIALISED, CONNECTED)):
+                try:
+                    self.connect()
+                    self.connected = True
+                    self.state = CONNECTED
+                except DeviceError as e:
+                    self.fatal(f"reattach: {e}")
+            else:
+                self.switch(INITWAIT)
         self._token = self.bus.watch(f"{self.fe}/state", self._frontend_changed)
 
     def switch(self, state: int) -> None:

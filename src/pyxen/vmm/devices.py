@@ -236,6 +236,40 @@ class DeviceManager:
         self._remove_nodes("vif", devid)
         return clean
 
+    def restart_nic(self, devid: int) -> NetBackend:
+        """Replace vif ``devid``'s backend with a fresh instance, as a restarted driver
+        domain would: the old one stops abruptly (no xenbus handshake); the new one takes over
+        the same TAP and re-attaches to the frontend's rings (XenbusBackend.start(reattach))."""
+        with self.lock:
+            entry = self.nics.get(devid)
+            if entry is None:
+                raise DomainError(f"domain {self.domid} has no vif with devid {devid}")
+            cfg, old = entry
+            old.stop(keep_tap=True)
+            be = NetBackend(self.bus, self.guest, devid, old.tap, rate=cfg.rate)
+            be.start(reattach=True)
+            self.nics[devid] = (cfg, be)
+            log.info("d%d: vif %d backend restarted", self.domid, devid)
+            return be
+
+    def restart_disk(self, devid: int) -> BlkBackend:
+        """As :meth:`restart_nic` for a disk: the image is reopened by the new instance."""
+        with self.lock:
+            entry = self.disks.get(devid)
+            if entry is None:
+                raise DomainError(f"domain {self.domid} has no disk with devid {devid}")
+            cfg, old, export = entry
+            old.stop()
+            from pyxen.backends.disk import DiskImage
+            image = DiskImage(export.path if export else cfg.target, readonly=cfg.readonly,
+                              spec=cfg.spec)
+            be = BlkBackend(self.bus, self.guest, devid, image, discard=cfg.discard,
+                            max_queues=self.max_queues)
+            be.start(reattach=True)
+            self.disks[devid] = (cfg, be, export)
+            log.info("d%d: disk %s backend restarted", self.domid, cfg.vdev)
+            return be
+
     def find_nic(self, name: str) -> int | None:
         with self.lock:
             for devid, (cfg, be) in self.nics.items():

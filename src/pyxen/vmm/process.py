@@ -46,7 +46,7 @@ log = logging.getLogger("pyxen.vmm")
 #: SHUTDOWN_* codes (xen/include/public/sched.h) by pyxen's reason names
 REASON_CODES = {name: code for code, name in X.SHUTDOWN_NAMES.items()}
 OPS = ("info", "pause", "unpause", "shutdown", "destroy", "rename", "subscribe",
-       "device_add", "device_remove", "device_list")
+       "device_add", "device_remove", "device_list", "device_restart")
 DEVICE_KINDS = ("vbd", "vif")
 _CONSOLE_CLIENT_MAX = 1 << 20          # bytes queued for a console client before it is cut
 
@@ -408,6 +408,23 @@ class VmmProcess:
             self.spec.disks = [d for d in self.spec.disks if d.get("devid") != devid]
             return {"devid": devid, "clean": clean}
         return _Deferred(remove)
+
+    def _op_device_restart(self, _peer: _Peer, req: dict) -> dict:
+        """Replace a device's backend with a new instance that re-attaches to the guest's
+        rings (what a restarted driver domain does); the guest keeps its device."""
+        devices = self._devices(req)
+        name = str(req.get("device", ""))
+        if req["kind"] == "vif":
+            nid = devices.find_nic(name)
+            if nid is None:
+                raise ValueError(f"domain {self.domain.name} has no vif {name!r}")
+            be = devices.restart_nic(nid)
+        else:
+            did = devices.find_disk(name)
+            if did is None:
+                raise ValueError(f"domain {self.domain.name} has no disk {name!r}")
+            be = devices.restart_disk(did)
+        return {"devid": be.devid, "state": be.state}
 
     def _op_device_list(self, _peer: _Peer, req: dict) -> dict:
         devices = self._devices(req)
