@@ -1,5 +1,5 @@
-"""pyxen.toolstack.xlformat: xl info / vcpu-list / uptime / list -l / block-list output byte for
-byte."""
+"""pyxen.toolstack.xlformat: xl info / vcpu-list / uptime / list -l / block-list /
+network-list output byte for byte."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 
 from pyxen.toolstack.xlformat import (BLOCK_LIST_HEADER, DEFAULT_VIRT_CAPS, INVALID_DOMID,
-                                      PVH_XEN_CAPS, UPTIME_HEADER, VCPU_LIST_HEADER, HostInfo,
-                                      VcpuRow, format_block_list, format_cpumap, format_info,
-                                      format_list_long, format_uptime, format_vcpu_list,
-                                      gather_host_info, libxl_device_disk, libxl_domain_config,
-                                      uptime_to_string, vcpu_state, yajl_json)
+                                      NETWORK_LIST_HEADER, PVH_XEN_CAPS, UPTIME_HEADER,
+                                      VCPU_LIST_HEADER, HostInfo, VcpuRow, format_block_list,
+                                      format_cpumap, format_info, format_list_long,
+                                      format_network_list, format_uptime, format_vcpu_list,
+                                      gather_host_info, libxl_device_disk, libxl_device_nic,
+                                      libxl_domain_config, uptime_to_string, vcpu_state,
+                                      yajl_json)
 
 # ------------------------------------------------------------------------------- xl info
 
@@ -524,3 +526,52 @@ def test_block_list_golden() -> None:
     short = format_block_list([dict(rows[0], be_path="/b")])
     assert short.splitlines()[1].endswith("/b" + " " * 28)
     assert format_block_list([]) == BLOCK_LIST_HEADER
+
+
+# ------------------------------------------------------------------------------- networks
+
+def test_network_list_golden() -> None:
+    """xl_nic.c main_networklist: "%-3s %-2s %-17s %-6s %-5s %-6s %5s/%-5s %-30s" header;
+    rows "%-3d %-2d ", LIBXL_MAC_FMT, "%6d %5d %6d %5d/%-11d %-30s"."""
+    assert NETWORK_LIST_HEADER == ("Idx BE Mac Addr.         handle state evt-ch   tx-/"
+                                   "rx-ring-ref BE-path" + " " * 23 + "\n")
+    rows = [{"devid": 0, "backend_id": 0, "mac": "00:16:3E:01:02:03", "state": 4,
+             "evtch": 9, "tx_ring_ref": 1280, "rx_ring_ref": 1281,
+             "be_path": "/local/domain/0/backend/vif/3/0"},
+            {"devid": 12, "mac": "00:16:3e:7f:0a:0b", "state": 2,
+             "be_path": "/local/domain/0/backend/vif/17/12"}]
+    assert format_network_list(rows) == (
+        NETWORK_LIST_HEADER
+        + "0   0  00:16:3e:01:02:03     0     4      9  1280/1281        "
+          "/local/domain/0/backend/vif/3/0\n"
+        + "12  0  00:16:3e:7f:0a:0b    12     2     -1    -1/-1          "
+          "/local/domain/0/backend/vif/17/12\n")
+    short = format_network_list([dict(rows[0], be_path="/b")])
+    assert short.splitlines()[1].endswith("/b" + " " * 28)
+    assert format_network_list([]) == NETWORK_LIST_HEADER
+    with pytest.raises(ValueError, match="MAC"):
+        format_network_list([dict(rows[0], mac="00:16:3e:01:02")])
+
+
+def test_libxl_device_nic_fields_in_idl_order_defaults_left_out() -> None:
+    nic = {"devid": 0, "mac": "00:16:3E:AA:bb:01", "bridge": "pyxenbr0", "vifname": None,
+           "rate": None, "ip": None, "mtu": 1500, "spec": "bridge=pyxenbr0"}
+    assert libxl_device_nic(nic) == {"devid": 0, "mac": "00:16:3e:aa:bb:01",
+                                     "bridge": "pyxenbr0", "nictype": "vif"}
+    full = libxl_device_nic(dict(nic, devid=3, mtu=9000, ip="10.88.0.5", vifname="web0",
+                                 rate=[20000, 20000]))
+    assert list(full) == ["devid", "mtu", "mac", "ip", "bridge", "ifname", "nictype",
+                          "rate_bytes_per_interval", "rate_interval_usecs"]
+    assert (full["mtu"], full["ifname"], full["rate_bytes_per_interval"],
+            full["rate_interval_usecs"]) == (9000, "web0", 20000, 20000)
+
+
+def test_list_long_with_pyxen_nics() -> None:
+    nic = {"devid": 0, "mac": "00:16:3e:00:00:61", "bridge": "pyxenbr0", "mtu": 1500}
+    cfg = libxl_domain_config(dict(DOMAIN, nics=[libxl_device_nic(nic)]))
+    assert list(cfg)[:3] == ["c_info", "b_info", "nics"]
+    text = format_list_long([dict(DOMAIN, nics=[libxl_device_nic(nic)])])
+    assert ('            "nics": [\n                {\n                    "devid": 0,\n'
+            '                    "mac": "00:16:3e:00:00:61",\n'
+            '                    "bridge": "pyxenbr0",\n'
+            '                    "nictype": "vif"\n                }\n            ],\n') in text

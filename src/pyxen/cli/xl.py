@@ -1,6 +1,7 @@
 """xl-compatible subcommands: ``create``, ``list``, ``console``, ``shutdown``, ``reboot``,
 ``destroy``, ``pause``, ``unpause``, ``rename``, ``domid``, ``domname``, ``uptime``, ``info``,
-``dmesg``, ``vcpu-list``, ``block-attach``, ``block-detach``, ``block-list``. They talk only
+``dmesg``, ``vcpu-list``, ``block-attach``, ``block-detach``, ``block-list``,
+``network-attach``, ``network-detach``, ``network-list``. They talk only
 to pyxend's API (:mod:`pyxen.cli.apiclient`); the console attaches to the socket pyxend names
 for the domain, as xl's console opens the pty named in xenstore.
 
@@ -15,6 +16,10 @@ directory (relative targets are resolved there) and their ``file:line``; pyxend 
 (a missing image is ``file:line: disk spec '...': img: no such file``). ``block-attach DOM
 SPEC...`` joins its spec arguments with commas (xl parses them as one spec) and resolves a
 relative target against the current directory.
+
+Networks: ``vif = [...]`` entries go to pyxend as spec strings with their ``file:line``
+(devid = position in the list); ``network-attach DOM ITEM...`` joins its items with commas;
+``network-detach DOM DEVID|MAC``; ``network-list`` prints xl's table.
 """
 
 from __future__ import annotations
@@ -80,18 +85,22 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise ConfigError("kernel must be specified for a PVH domain", f"{path}:kernel")
     kernel = resolve_image_path(spec.kernel, cfg_dir, spec.where("kernel"))
     ramdisk = resolve_image_path(spec.ramdisk, cfg_dir, spec.where("ramdisk"))
-    if spec.vif:
-        print("pyxen: warning: vif devices are not supported by create yet; ignored",
-              file=sys.stderr)
     config = {k: v for k, v in dataclasses.asdict(spec).items() if k in CONFIG_KEYS}
     config.update(kernel=kernel, ramdisk=ramdisk)
     disks = [{"spec": d, "cwd": cfg_dir, "where": spec.sources.get("disk")}
              for d in spec.disk]
+    nics = [{"spec": v, "where": spec.sources.get("vif")} for v in spec.vif]
     if args.dry_run:
-        print(json.dumps(dict(config, disk=list(spec.disk)) if disks else config, indent=4))
+        shown = dict(config)
+        if disks:
+            shown["disk"] = list(spec.disk)
+        if nics:
+            shown["vif"] = list(spec.vif)
+        print(json.dumps(shown, indent=4))
         return 0
     api = connect()
-    res = api.post("/domains", {"config": config, "paused": args.paused, "disks": disks})
+    res = api.post("/domains", {"config": config, "paused": args.paused, "disks": disks,
+                                "nics": nics})
     assert isinstance(res, dict)
     if not args.quiet:
         print(f"Parsing config from {path}", file=sys.stderr)
@@ -143,7 +152,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _long_entry(d: dict) -> dict:
-    from pyxen.toolstack.xlformat import libxl_device_disk
+    from pyxen.toolstack.xlformat import libxl_device_disk, libxl_device_nic
     c = d.get("config", {})
     return {"domid": d["domid"], "name": d["name"], "uuid": d.get("uuid"), "type": "pvh",
             "memory_kib": c.get("memory", 0) * 1024, "maxmem_kib": c.get("maxmem", 0) * 1024,
@@ -151,7 +160,8 @@ def _long_entry(d: dict) -> dict:
             "kernel": c.get("kernel"), "ramdisk": c.get("ramdisk"),
             "cmdline": c.get("cmdline"), "on_poweroff": c.get("on_poweroff"),
             "on_reboot": c.get("on_reboot"), "on_crash": c.get("on_crash"),
-            "disks": [libxl_device_disk(x) for x in d.get("disks", [])]}
+            "disks": [libxl_device_disk(x) for x in d.get("disks", [])],
+            "nics": [libxl_device_nic(x) for x in d.get("nics", [])]}
 
 
 def cmd_domid(args: argparse.Namespace) -> int:
@@ -327,6 +337,45 @@ def cmd_block_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- networks
+
+def cmd_network_attach(args: argparse.Namespace) -> int:
+    api = connect()
+    api.post(f"/domains/{api.dom(args.domain)}/nics", {"spec": ",".join(args.spec)})
+    return 0
+
+
+def cmd_network_detach(args: argparse.Namespace) -> int:
+    api = connect()
+    force = "true" if args.force else "false"
+    res = api.delete(f"/domains/{api.dom(args.domain)}/nics/{api.dom(args.device)}"
+                     f"?force={force}&timeout={args.timeout:g}")
+    if isinstance(res, dict) and not res.get("clean", True) and not args.force:
+        print(f"pyxen: warning: the guest did not release NIC {args.device} within "
+              f"{args.timeout:g} s; it was removed anyway", file=sys.stderr)
+    return 0
+
+
+def cmd_network_list(args: argparse.Namespace) -> int:
+    from pyxen.toolstack.xlformat import NETWORK_LIST_HEADER, format_network_list
+    api = connect()
+    sys.stdout.write(NETWORK_LIST_HEADER)
+    for dom in args.domains:
+        if dom in ("0", "Domain-0"):
+            continue                            # dom0 has no virtual NICs
+        try:
+            rows = api.get(f"/domains/{api.dom(dom)}/nics")
+        except ToolstackError as e:
+            if e.status not in (400, 404):
+                raise
+            print(f"{dom} is an invalid domain identifier", file=sys.stderr)
+            continue
+        assert isinstance(rows, list)
+        sys.stdout.write(format_network_list(rows)[len(NETWORK_LIST_HEADER):])
+    sys.stdout.flush()
+    return 0
+
+
 # ----------------------------------------------------------------------------- console
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -465,3 +514,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("block-list", help="list the disks of domains")
     b.add_argument("domains", nargs="+")
     b.set_defaults(func=cmd_block_list)
+
+    n = sub.add_parser("network-attach", help="hot-plug a NIC into a domain (xl vif spec)")
+    n.add_argument("domain")
+    n.add_argument("spec", nargs="*", metavar="VIF-SPEC-ITEM",
+                   help="e.g. bridge=pyxenbr0 mac=00:16:3e:01:02:03 (joined with commas; "
+                        "none: all defaults)")
+    n.set_defaults(func=cmd_network_attach)
+    n = sub.add_parser("network-detach", help="unplug a NIC (by devid or MAC)")
+    n.add_argument("-f", "--force", action="store_true",
+                   help="remove it without waiting for the guest to release it")
+    n.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds the guest has to release it (default 10)")
+    n.add_argument("domain")
+    n.add_argument("device", metavar="DEVID|MAC")
+    n.set_defaults(func=cmd_network_detach)
+    n = sub.add_parser("network-list", help="list the NICs of domains")
+    n.add_argument("domains", nargs="+")
+    n.set_defaults(func=cmd_network_list)

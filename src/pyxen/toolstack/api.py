@@ -41,6 +41,13 @@ class DiskRequest(BaseModel):
                               "prefixed to error messages")
 
 
+class NicRequest(BaseModel):
+    spec: str = Field(description="an xl vif spec (xl-network-configuration(5)), e.g. "
+                      "'bridge=pyxenbr0,mac=00:16:3e:01:02:03' or '' (all defaults)")
+    where: str | None = Field(None, description="where the spec came from (file:line), "
+                              "prefixed to error messages")
+
+
 class CreateRequest(BaseModel):
     config: dict = Field(description="Domain configuration: name, memory (MiB), maxmem, vcpus, "
                          "maxvcpus, kernel, ramdisk, cmdline, on_poweroff, on_reboot, "
@@ -48,6 +55,9 @@ class CreateRequest(BaseModel):
     paused: bool = Field(False, description="leave the domain paused (xl create -p)")
     disks: list[DiskRequest] = Field(default_factory=list,
                                      description="the domain's disks (xl.cfg's disk = [...])")
+    nics: list[NicRequest] = Field(default_factory=list,
+                                   description="the domain's NICs (xl.cfg's vif = [...]); "
+                                   "devid = position in the list unless the spec sets it")
 
 
 class ShutdownRequest(BaseModel):
@@ -88,9 +98,10 @@ def make_app(daemon: Pyxend) -> FastAPI:
     @app.post(f"{p}/domains", status_code=201, summary="create and start a domain")
     def create(req: CreateRequest) -> dict:
         rec = daemon.create(req.config, paused=req.paused,
-                            disks=[d.model_dump() for d in req.disks])
+                            disks=[d.model_dump() for d in req.disks],
+                            nics=[n.model_dump() for n in req.nics])
         return {"domid": rec.domid, "name": rec.name, "console": rec.console,
-                "disks": rec.extra.get("disks", [])}
+                "disks": rec.extra.get("disks", []), "nics": rec.extra.get("nics", [])}
 
     @app.get(p + "/domains/{dom}", summary="one domain (by ID or name)")
     def get_domain(dom: str) -> dict:
@@ -152,6 +163,27 @@ def make_app(daemon: Pyxend) -> FastAPI:
         if not 0 < timeout <= 3600:
             raise ToolstackError(f"timeout {timeout:g}: must be in (0, 3600] seconds", 400)
         return daemon.disk_detach(dom, vdev, force=force, timeout=timeout)
+
+    @app.get(p + "/domains/{dom}/nics",
+             summary="the domain's NICs with their backend state (xl network-list)")
+    def list_nics(dom: str) -> list[dict]:
+        _not_dom0(dom)
+        return daemon.nic_list(dom)
+
+    @app.post(p + "/domains/{dom}/nics", status_code=201,
+              summary="hot-plug a NIC into a running domain (xl network-attach)")
+    def attach_nic(dom: str, req: NicRequest) -> dict:
+        _not_dom0(dom)
+        return daemon.nic_attach(dom, req.spec)
+
+    @app.delete(p + "/domains/{dom}/nics/{device}",
+                summary="unplug a NIC (xl network-detach); device is a devid or a MAC")
+    def detach_nic(dom: str, device: str, force: bool = False,
+                   timeout: float = DETACH_TIMEOUT) -> dict:
+        _not_dom0(dom)
+        if not 0 < timeout <= 3600:
+            raise ToolstackError(f"timeout {timeout:g}: must be in (0, 3600] seconds", 400)
+        return daemon.nic_detach(dom, device, force=force, timeout=timeout)
 
     @app.get(f"{p}/dmesg", summary="the hypervisor's message ring (xl dmesg)")
     def dmesg(clear: bool = False) -> dict:

@@ -18,6 +18,16 @@ restart (``on_reboot="restart"``) attaches the same disks again, hot-plugged one
 as libxl keeps them in the domain's saved configuration. A disk writable by one running
 domain is not given to another (the check xl's ``block`` hotplug script makes).
 
+Networks (xl's ``vif = [...]``, ``network-attach``/``-detach``/``-list``) follow the same
+design: :func:`parse_nic` checks a spec (xl's grammar, then what pyxen can serve: dom0
+backend, no hotplug script but vif-bridge's behaviour, a bridge name that is not another kind
+of interface), :func:`~pyxen.toolstack.xlvif.nic_config` resolves it (devid = position in the
+list or the next free one, a random Xen MAC if none is given) and the VMM gets
+:class:`~pyxen.vmm.devices.NicConfig` dicts. The record keeps them in ``extra["nics"]`` with
+the resolved MAC, so a restart brings the guest back with the same MACs. A MAC used by
+another running domain, or a TAP name (``vifname``, default ``vif<domid>.<devid>``) that
+exists on the host, is 409.
+
 ``shutdown``/``reboot`` write ``control/shutdown`` in the guest's xenstore directory, as
 libxl does, and need the guest's ``control/feature-poweroff``/``-reboot``; with
 ``fallback`` the domain is shut down by the VMM instead when the guest has no PV control
@@ -44,14 +54,15 @@ import uuid as uuidlib
 from collections import deque
 from dataclasses import dataclass, field
 
-from pyxen.errors import ToolstackError
+from pyxen.errors import HostNetworkError, ToolstackError
 from pyxen.toolstack.paths import Paths
 from pyxen.toolstack.registry import CONFIG_KEYS, DomainRecord, Registry
 from pyxen.toolstack.spawn import start_detached, wait_until_up
 from pyxen.toolstack.vmmctl import VmmControl, VmmGone, vmm_call, vmm_request
 from pyxen.toolstack.xlcfg import ACTIONS
 from pyxen.toolstack.xldisk import DiskSpecError, disk_config, parse_disk_spec, vdev_to_devid
-from pyxen.vmm.devices import DiskConfig
+from pyxen.toolstack.xlvif import VifSpec, VifSpecError, nic_config, parse_vif_spec
+from pyxen.vmm.devices import DiskConfig, NicConfig
 from pyxen.vmm.process import release_domain
 from pyxen.xenstore.client import XenstoreClient
 from pyxen.xenstore.store import XenstoreError
@@ -79,12 +90,21 @@ class _Live:
     handled: bool = False                           # the shutdown action was taken
     destroying: bool = False
     gone: threading.Event = field(default_factory=threading.Event)
-    dev_lock: threading.Lock = field(default_factory=threading.Lock)   # disk attach/detach
+    dev_lock: threading.Lock = field(default_factory=threading.Lock)   # device attach/detach
 
     @property
     def disks(self) -> list[dict]:
         """The domain's disks (DiskConfig dicts), as its record keeps them."""
         return self.rec.extra.get("disks", [])
+
+    @property
+    def nics(self) -> list[dict]:
+        """The domain's NICs (NicConfig dicts, MACs resolved), as its record keeps them."""
+        return self.rec.extra.get("nics", [])
+
+    def tap_name(self, nic: dict) -> str:
+        """The host TAP of one of its NICs (the VMM's rule)."""
+        return nic.get("vifname") or f"vif{self.rec.domid}.{nic['devid']}"
 
 
 class Pyxend:
@@ -145,6 +165,7 @@ class Pyxend:
             live = _Live(rec)
             self.domains[rec.domid] = live
             self._sync_disks(live)
+            self._sync_nics(live)
             self.printk(f"d{rec.domid} ({rec.name}): re-attached to VMM pid {rec.pid}")
             self._monitor(live)
 
@@ -163,6 +184,22 @@ class Pyxend:
             live.rec.extra["disks"] = disks
             self.registry.save(live.rec)
 
+    def _sync_nics(self, live: _Live) -> None:
+        """As :meth:`_sync_disks`, for the NICs."""
+        try:
+            rows = vmm_call(live.rec.control, "device_list", timeout=5, kind="vif")["devices"]
+        except (ToolstackError, OSError, ValueError, KeyError):
+            return
+        known = {n["devid"]: n for n in live.nics}
+        default = f"vif{live.rec.domid}."
+        nics = [known.get(r["devid"]) or NicConfig(
+            devid=r["devid"], mac=r["mac"], bridge=r.get("bridge") or "pyxenbr0",
+            vifname=None if r.get("vifname") == f"{default}{r['devid']}" else r.get("vifname"),
+        ).to_dict() for r in rows]
+        if nics != live.nics:
+            live.rec.extra["nics"] = nics
+            self.registry.save(live.rec)
+
     def lookup(self, dom: str | int) -> _Live:
         """A domain by ID or name (xl's domain-id argument). 404 if there is none."""
         with self.lock:
@@ -175,12 +212,17 @@ class Pyxend:
         raise ToolstackError(f"domain {dom!r} does not exist", 404)
 
     # ----------------------------------------------------------------- create
-    def create(self, config: dict, paused: bool = False, disks: list | None = None, *,
-               disk_configs: list[DiskConfig] | None = None) -> DomainRecord:
+    def create(self, config: dict, paused: bool = False, disks: list | None = None,
+               nics: list | None = None, *, disk_configs: list[DiskConfig] | None = None,
+               nic_configs: list[NicConfig] | None = None) -> DomainRecord:
         """Create and start a domain. ``disks``: disk requests (``{"spec", "cwd", "where"}``
-        or bare spec strings) as the API takes them; ``disk_configs``: already resolved
-        disks (a restart), checked again."""
+        or bare spec strings) as the API takes them; ``nics``: vif requests (``{"spec",
+        "where"}`` or bare spec strings; devid = position unless the spec gives one);
+        ``disk_configs``/``nic_configs``: already resolved devices (a restart), checked
+        again."""
         cfg = validate_config(config)
+        nwheres: dict[int, str] = {}
+        ncfgs = resolve_nics(nics or [], nwheres) if nic_configs is None else list(nic_configs)
         wheres: dict[int, str] = {}
         if disk_configs is None:
             dcfgs = resolve_disks(disks or [], wheres)
@@ -203,10 +245,18 @@ class Pyxend:
                     raise ToolstackError(f"{where}: {e}" if where else str(e),
                                          e.status) from None
             domid = self.registry.allocate_domid(set(self.domains))
+            for n in ncfgs:
+                try:
+                    self._check_nic_conflicts(n, domid, None)
+                except ToolstackError as e:
+                    where = nwheres.get(n.devid)
+                    raise ToolstackError(f"{where}: {e}" if where else str(e),
+                                         e.status) from None
             rec = DomainRecord(domid=domid, name=cfg["name"],
                                uuid=cfg.get("uuid") or str(uuidlib.uuid4()), config=cfg,
                                created=time.time(),
-                               extra={"disks": [d.to_dict() for d in dcfgs]})
+                               extra={"disks": [d.to_dict() for d in dcfgs],
+                                      "nics": [n.to_dict() for n in ncfgs]})
             live = _Live(rec)
             self.domains[domid] = live
         try:
@@ -219,6 +269,8 @@ class Pyxend:
         self.printk(f"d{domid} ({rec.name}): created, {cfg['vcpus']} vCPU(s), "
                     f"{cfg['memory']} MiB"
                     + "".join(f", {d.vdev} {d.target}" for d in dcfgs)
+                    + "".join(f", {n.vifname or f'vif{domid}.{n.devid}'} {n.mac} on {n.bridge}"
+                              for n in ncfgs)
                     + (" (paused)" if paused else ""))
         self._monitor(live)
         return rec
@@ -229,7 +281,7 @@ class Pyxend:
                 "kernel": cfg["kernel"], "ramdisk": cfg.get("ramdisk"),
                 "cmdline": cfg.get("cmdline") or "", "memory": cfg["memory"],
                 "vcpus": cfg["vcpus"], "accel": cfg.get("accel", "auto"), "paused": paused,
-                "disks": list(live.disks),
+                "disks": list(live.disks), "nics": list(live.nics),
                 "run_dir": self.paths.vmm_run_dir, "log_dir": self.paths.log_dir,
                 "xenstored": self.paths.xenstored_socket}
         spec_path = self.registry.spec_path(rec.domid)
@@ -309,16 +361,17 @@ class Pyxend:
             if action in ("destroy", "coredump-destroy"):
                 self.destroy(rec.domid)
             elif action in ("restart", "coredump-restart", "soft-reset"):
-                disks = self._stored_disks(live)
+                disks, nics = self._stored_disks(live), self._stored_nics(live)
                 self.destroy(rec.domid)
-                self.create(rec.config, disk_configs=disks)
+                self.create(rec.config, disk_configs=disks, nic_configs=nics)
             elif action == "rename-restart":
                 n = self._incarnations.get(rec.name, 0) + 1
                 self._incarnations[rec.name] = n
                 original = rec.name
                 self.rename(rec.domid, f"{original}--incarnation-{n}")
                 self.create(dict(rec.config, name=original, uuid=None),
-                            disk_configs=self._stored_disks(live))
+                            disk_configs=self._stored_disks(live),
+                            nic_configs=self._stored_nics(live))
         except ToolstackError as e:
             self.printk(f"d{rec.domid} ({rec.name}): action {action} failed: {e}")
 
@@ -526,6 +579,127 @@ class Pyxend:
             return []
         return [dict(r, frontend_id=live.rec.domid) for r in rows]
 
+    # ----------------------------------------------------------------- networks
+    @staticmethod
+    def _stored_nics(live: _Live) -> list[NicConfig]:
+        return [NicConfig.from_dict(n) for n in live.nics]
+
+    def _check_nic_conflicts(self, ncfg: NicConfig, domid: int, live: _Live | None) -> None:
+        """409 if ``ncfg``'s MAC is used by a running domain (``live``, the NIC's own domain,
+        included) or its TAP name (domain ``domid``'s) by any domain or host interface.
+        Caller holds ``self.lock``. Domains kept after a shutdown do not count for the MAC
+        (their guest no longer sends), being-destroyed ones for neither."""
+        what = f"vif spec {ncfg.spec!r}"
+        tap = ncfg.vifname or f"vif{domid}.{ncfg.devid}"
+        mac = ncfg.mac.lower()
+        for lv in self.domains.values():
+            if lv.destroying:
+                continue
+            for n in lv.nics:
+                if lv is live and n["devid"] == ncfg.devid:
+                    continue
+                if n["mac"].lower() == mac and lv.state.get("state") != "shutdown":
+                    raise ToolstackError(f"{what}: mac {ncfg.mac} is in use by domain "
+                                         f"{lv.rec.name!r} (devid {n['devid']})", 409)
+                if lv.tap_name(n) == tap:
+                    raise ToolstackError(f"{what}: vifname {tap} is in use by domain "
+                                         f"{lv.rec.name!r} (devid {n['devid']})", 409)
+        try:
+            from pyxen.host.bridge import ifindex
+            taken = ifindex(tap) is not None
+        except HostNetworkError as e:
+            raise ToolstackError(f"{what}: {e}", 400) from None
+        if taken:
+            raise ToolstackError(f"{what}: vifname {tap} is in use (the host has an "
+                                 "interface of that name)", 409)
+
+    def nic_attach(self, dom: str | int, spec: str) -> dict:
+        """``xl network-attach``: check ``spec``, hot-plug the NIC into the running domain
+        (devid: the spec's, else one above the highest in use, as libxl) and record it.
+        Returns its ``network-list`` row (the guest connects asynchronously)."""
+        live = self.lookup(dom)
+        rec = live.rec
+        vspec = parse_nic(spec)
+        with live.dev_lock:
+            self._require_live(live)
+            used = [n["devid"] for n in live.nics]
+            devid = vspec.devid if vspec.devid is not None else max(used, default=-1) + 1
+            if devid in used:
+                raise ToolstackError(f"vif spec {spec!r}: devid {devid} is already in use in "
+                                     f"domain {rec.name!r}", 409)
+            ncfg = nic_config(vspec, devid)
+            with self.lock:
+                self._check_nic_conflicts(ncfg, rec.domid, live)
+            try:
+                vmm_request(rec.control, {"op": "device_add", "kind": "vif",
+                                          "config": ncfg.to_dict()},
+                            timeout=DEVICE_ADD_TIMEOUT, error_status=400)
+            except VmmGone:
+                raise
+            except ToolstackError as e:
+                msg = str(e)
+                status = 409 if ("in use" in msg or "busy" in msg.lower()
+                                 or "exists" in msg) else 400
+                raise ToolstackError(msg if spec in msg else f"vif spec {spec!r}: {msg}",
+                                     status) from None
+            rec.extra["nics"] = live.nics + [ncfg.to_dict()]
+            self._save_if_current(live)
+        self.printk(f"d{rec.domid} ({rec.name}): vif {devid} ({ncfg.mac}) attached on "
+                    f"{ncfg.bridge} as {live.tap_name(ncfg.to_dict())}")
+        row = next((r for r in self.nic_list(rec.domid) if r["devid"] == devid), None)
+        return row or {"devid": devid, "backend_id": 0, "frontend_id": rec.domid,
+                       "mac": ncfg.mac, "bridge": ncfg.bridge,
+                       "vifname": live.tap_name(ncfg.to_dict())}
+
+    def nic_detach(self, dom: str | int, device: str, force: bool = False,
+                   timeout: float = DETACH_TIMEOUT) -> dict:
+        """``xl network-detach``: ``device`` is a devid or a MAC (pyxen also takes the TAP
+        name). Without ``force`` the guest is asked to close it first (``timeout``
+        seconds; then it is removed anyway and ``clean`` is false)."""
+        live = self.lookup(dom)
+        rec = live.rec
+        key = str(device).strip()
+        with live.dev_lock:
+            if ":" in key:
+                entry = next((n for n in live.nics if n["mac"].lower() == key.lower()), None)
+            elif key.isdigit():
+                entry = next((n for n in live.nics if n["devid"] == int(key)), None)
+            else:
+                entry = next((n for n in live.nics if live.tap_name(n) == key), None)
+            if entry is None:
+                raise ToolstackError(f"domain {rec.name!r}: unknown device {key} (no NIC with "
+                                     "that devid or MAC)", 404)
+            devid = entry["devid"]
+            req = {"op": "device_remove", "kind": "vif", "device": str(devid),
+                   "force": bool(force), "timeout": float(timeout)}
+            try:
+                reply = vmm_request(rec.control, req, timeout=timeout + 30, error_status=409)
+            except VmmGone:
+                raise
+            except ToolstackError as e:
+                if "has no vif" not in str(e):
+                    raise
+                reply = {"clean": False}                # the VMM had dropped it already
+            rec.extra["nics"] = [n for n in live.nics if n["devid"] != devid]
+            self._save_if_current(live)
+        clean = bool(reply.get("clean"))
+        how = " (forced)" if force else "" if clean else " (the guest did not close it)"
+        self.printk(f"d{rec.domid} ({rec.name}): vif {devid} ({entry['mac']}) detached{how}")
+        return {"devid": devid, "mac": entry["mac"], "clean": clean}
+
+    def nic_list(self, dom: str | int) -> list[dict]:
+        """``xl network-list`` rows of the domain's NICs (the VMM's view: backend state,
+        event channel, tx/rx ring references, backend path, bridge, TAP, counters) plus
+        ``frontend_id``."""
+        live = self.lookup(dom)
+        if not live.rec.control:
+            return []
+        try:
+            rows = vmm_call(live.rec.control, "device_list", timeout=10, kind="vif")["devices"]
+        except VmmGone:
+            return []
+        return [dict(r, frontend_id=live.rec.domid) for r in rows]
+
     # ----------------------------------------------------------------- queries
     def domain_info(self, dom: str | int) -> dict:
         live = self.lookup(dom)
@@ -540,7 +714,8 @@ class Pyxend:
         st.pop("ok", None)
         return {"domid": live.rec.domid, "name": live.rec.name, "uuid": live.rec.uuid,
                 "config": live.rec.config, "console": live.rec.console, "pid": live.rec.pid,
-                "created": live.rec.created, "disks": list(live.disks), "status": st}
+                "created": live.rec.created, "disks": list(live.disks),
+                "nics": list(live.nics), "status": st}
 
     def guest_memory_mib(self) -> int:
         """Memory given to all domains (their configurations), MiB."""
@@ -710,6 +885,81 @@ def check_disk_target(dcfg: DiskConfig, shown: str | None = None) -> None:
     if dcfg.format != "raw" and shutil.which("qemu-storage-daemon") is None:
         raise bad(f"format {dcfg.format} needs qemu-storage-daemon (Debian package "
                   "qemu-system-common) on the PATH")
+
+
+def resolve_nics(requests: list, wheres: dict[int, str] | None = None) -> list[NicConfig]:
+    """The NicConfigs of a create's vif requests (a dict ``{"spec", "where"}`` or a bare spec
+    string): each checked by :func:`parse_nic`, devid = position in the list unless the spec
+    gives one (xl's numbering), a random Xen MAC unless given. Two NICs with one devid, MAC
+    or vifname are 400. ``wheres`` (if given) gets each NIC's ``where`` by devid."""
+    if not isinstance(requests, list):
+        raise ToolstackError("nics must be a list", 400)
+    out: list[NicConfig] = []
+    for i, req in enumerate(requests):
+        if isinstance(req, str):
+            req = {"spec": req}
+        if not isinstance(req, dict):
+            raise ToolstackError("each nic must be a spec string or {\"spec\", \"where\"}",
+                                 400)
+        where = req.get("where")
+        pre = f"{where}: " if where else ""
+        ncfg = nic_config(parse_nic(req.get("spec"), where), i)
+        for o in out:
+            clash = ("devid", ncfg.devid) if o.devid == ncfg.devid else \
+                ("mac", ncfg.mac) if o.mac.lower() == ncfg.mac.lower() else \
+                ("vifname", ncfg.vifname) if ncfg.vifname and o.vifname == ncfg.vifname \
+                else None
+            if clash:
+                raise ToolstackError(f"{pre}vif spec {ncfg.spec!r}: {clash[0]} {clash[1]} used "
+                                     f"twice (also in {o.spec!r})", 400)
+        out.append(ncfg)
+        if wheres is not None and where:
+            wheres[ncfg.devid] = where
+    return out
+
+
+def parse_nic(text: object, where: str | None = None) -> VifSpec:
+    """Parse vif spec ``text`` (xl's grammar) and check that pyxen can serve it: backend dom0,
+    no hotplug script other than vif-bridge (whose job pyxen does itself), no emulated
+    (``type=ioemu``) NIC, no ``gatewaydev``/``vlan``, and a bridge name that is a valid
+    interface name and not an existing non-bridge interface. A fault is 400,
+    ``[where: ]vif spec '<text>': <reason>``."""
+    if not isinstance(text, str):
+        raise ToolstackError(f"{where + ': ' if where else ''}a vif spec (string) is required",
+                             400)
+    try:
+        spec = parse_vif_spec(text)
+        if spec.backend not in (None, "0", "Domain-0"):
+            raise VifSpecError(text, f"backend={spec.backend}: NICs are served by dom0 only "
+                                     "(no driver domains)")
+        if spec.script and os.path.basename(spec.script) != "vif-bridge":
+            raise VifSpecError(text, f"script={spec.script}: vif hotplug scripts are not "
+                                     "supported (pyxen puts the TAP on the bridge itself, as "
+                                     "vif-bridge does)")
+        if spec.type == "ioemu":
+            raise VifSpecError(text, "type=ioemu: PVH domains have no emulated NICs "
+                                     "(use type=vif)")
+        if spec.gatewaydev:
+            raise VifSpecError(text, f"gatewaydev={spec.gatewaydev}: only for vif-route/"
+                                     "vif-nat, which pyxen does not have")
+        if spec.vlan:
+            raise VifSpecError(text, f"vlan={spec.vlan}: VLANs are not supported")
+        if spec.bridge:
+            _check_bridge(text, spec.bridge)
+    except VifSpecError as e:
+        raise ToolstackError(f"{where}: {e}" if where else str(e), 400) from None
+    return spec
+
+
+def _check_bridge(text: str, bridge: str) -> None:
+    """VifSpecError unless ``bridge`` may name a bridge (missing ones are created)."""
+    from pyxen.host.bridge import bridge_exists, ifindex
+    try:
+        if ifindex(bridge) is not None and not bridge_exists(bridge):
+            raise VifSpecError(text, f"bridge={bridge}: {bridge} is an interface but not a "
+                                     "bridge")
+    except HostNetworkError as e:
+        raise VifSpecError(text, f"bridge={bridge}: {e}") from None
 
 
 def _check_name(name: str) -> None:

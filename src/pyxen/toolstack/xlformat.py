@@ -46,6 +46,14 @@ host (``/proc``, ``/sys``, ``os.uname()``, ``/dev/cpu/0/cpuid``).
     %-6d %-5d %-6d %-8d %-30s\n"`` of the virtual-device *number*, backend domid, frontend
     domid, backend state, event channel, ring reference and backend path (so the last
     column is padded with blanks to 30). See :func:`format_block_list`.
+
+``xl network-list``
+    xl_nic.c ``main_networklist``: header ``"%-3s %-2s %-17s %-6s %-5s %-6s %5s/%-5s %-30s\n"``
+    of Idx/BE/Mac Addr./handle/state/evt-ch/tx-/rx-ring-ref/BE-path, then per NIC
+    ``"%-3d %-2d "`` (devid, backend domid), the MAC as ``%02hhx:...`` (lower case), and
+    ``"%6d %5d %6d %5d/%-11d %-30s\n"`` of the devid again (the handle), backend state, event
+    channel, tx and rx ring references and backend path. See :func:`format_network_list`;
+    :func:`libxl_device_nic` gives the entries of ``xl list -l``'s ``nics`` array.
 """
 
 from __future__ import annotations
@@ -57,10 +65,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = [
-    "BLOCK_LIST_HEADER", "DEFAULT_VIRT_CAPS", "HostInfo", "INVALID_DOMID", "PVH_XEN_CAPS",
-    "UPTIME_HEADER", "VCPU_LIST_HEADER", "VcpuRow", "format_block_list", "format_cpumap",
-    "format_info", "format_list_long", "format_uptime", "format_vcpu_list",
-    "gather_host_info", "libxl_device_disk", "libxl_domain_config",
+    "BLOCK_LIST_HEADER", "DEFAULT_VIRT_CAPS", "HostInfo", "INVALID_DOMID",
+    "NETWORK_LIST_HEADER", "PVH_XEN_CAPS", "UPTIME_HEADER", "VCPU_LIST_HEADER", "VcpuRow",
+    "format_block_list", "format_cpumap", "format_info", "format_list_long",
+    "format_network_list", "format_uptime", "format_vcpu_list", "gather_host_info",
+    "libxl_device_disk", "libxl_device_nic", "libxl_domain_config",
     "uptime_to_string", "VIRT_CAPS_ORDER", "vcpu_state", "yajl_json",
 ]
 
@@ -700,3 +709,67 @@ def format_block_list(rows: Iterable[Mapping[str, Any]]) -> str:
             r["devid"], r.get("backend_id", 0), r["frontend_id"], r["state"],
             r.get("evtch", -1), r.get("ring_ref", -1), r["be_path"]))
     return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# xl network-list and the nics of xl list -l
+# --------------------------------------------------------------------------------------------
+
+NETWORK_LIST_HEADER = "%-3s %-2s %-17s %-6s %-5s %-6s %5s/%-5s %-30s\n" % (
+    "Idx", "BE", "Mac Addr.", "handle", "state", "evt-ch", "tx-", "rx-ring-ref", "BE-path")
+
+#: the MTU libxl gives a NIC whose config sets none (LIBXL_DEVICE_NIC_MTU_DEFAULT)
+NIC_MTU_DEFAULT = 1500
+
+
+def _mac_bytes(mac: str) -> str:
+    """``LIBXL_MAC_FMT`` of a MAC string (``%02hhx`` octets joined by ``:``)."""
+    octets = [int(o, 16) for o in mac.split(":")]
+    if len(octets) != 6 or any(not 0 <= o <= 255 for o in octets):
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def format_network_list(rows: Iterable[Mapping[str, Any]]) -> str:
+    """``xl network-list`` output: :data:`NETWORK_LIST_HEADER`, then one line per NIC from a
+    mapping with ``devid``, ``backend_id``, ``mac``, ``state``, ``evtch``, ``tx_ring_ref``,
+    ``rx_ring_ref`` and ``be_path`` (event channel and ring references are -1 until the
+    guest's netfront has published them). ``handle`` is the devid, as xl prints it."""
+    out = [NETWORK_LIST_HEADER]
+    for r in rows:
+        out.append("%-3d %-2d " % (r["devid"], r.get("backend_id", 0)) + _mac_bytes(r["mac"])
+                   + "%6d %5d %6d %5d/%-11d %-30s\n" % (
+                       r["devid"], r["state"], r.get("evtch", -1), r.get("tx_ring_ref", -1),
+                       r.get("rx_ring_ref", -1), r["be_path"]))
+    return "".join(out)
+
+
+def libxl_device_nic(nic: Mapping[str, Any]) -> dict[str, Any]:
+    """One ``nics`` entry of ``xl list -l`` (libxl_device_nic through gen_json) for a pyxen
+    NIC (a :class:`~pyxen.vmm.devices.NicConfig` dict: ``devid``, ``mac``, ``bridge``,
+    ``vifname``, ``ip``, ``mtu``, ``rate``).
+
+    Fields in libxl_types.idl order, each only when it differs from libxl's default, as
+    libxl's saved configuration holds them for a NIC created from an xl.cfg entry: the
+    parsed spec plus what libxl's ``update_config`` copies back (``devid``, the resolved
+    ``mac``, ``nictype`` ``vif``): ``devid``, ``mtu`` (when not 1500), ``mac``, ``ip``,
+    ``bridge`` (always: pyxen's default bridge plays xl.conf's ``default_bridge``),
+    ``ifname`` (an explicit ``vifname``), ``nictype``, ``rate_bytes_per_interval`` and
+    ``rate_interval_usecs``. The backend domain (dom0) is the default and never shown."""
+    out: dict[str, Any] = {"devid": int(nic["devid"])}
+    mtu = nic.get("mtu")
+    if mtu and mtu != NIC_MTU_DEFAULT:
+        out["mtu"] = int(mtu)
+    out["mac"] = _mac_bytes(nic["mac"])
+    if nic.get("ip"):
+        out["ip"] = nic["ip"]
+    if nic.get("bridge"):
+        out["bridge"] = nic["bridge"]
+    if nic.get("vifname"):
+        out["ifname"] = nic["vifname"]
+    out["nictype"] = "vif"
+    rate = nic.get("rate")
+    if rate:
+        out["rate_bytes_per_interval"] = int(rate[0])
+        out["rate_interval_usecs"] = int(rate[1])
+    return out
