@@ -44,6 +44,7 @@ from pyxen.host.tap import (MAX_FRAME, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_
 
 log = logging.getLogger("pyxen.backends")
 
+HEADER_PULL = 128              # bytes of a TX packet gathered for header parsing (netback's)
 RX_BATCH = 64                  # frames moved to the guest per pass before checking TX
 #: posted RX buffers needed before a frame is read from the TAP: the largest GSO frame
 RX_SLOTS_MAX = N.rx_slots_needed((N.XEN_NETIF_NR_SLOTS_MIN - 1) * N.XEN_PAGE_SIZE, 1)
@@ -133,15 +134,16 @@ class NetBackend(XenbusBackend):
             raise DeviceError(str(e)) from e
         self.tx_port, self.rx_port = tx_port, rx_port
         offload = 0
+        sg = self.read_fe_int("feature-sg", 0) == 1
         if self.read_fe_int("feature-no-csum-offload", 0) == 0:
             offload |= TUN_F_CSUM
-            if self.read_fe_int("feature-gso-tcpv4", 0):
+            # TSO needs scatter-gather (Linux's netdev_fix_features drops it without SG)
+            if sg and self.read_fe_int("feature-gso-tcpv4", 0):
                 offload |= TUN_F_TSO4
-            if self.read_fe_int("feature-gso-tcpv6", 0) and \
+            if sg and self.read_fe_int("feature-gso-tcpv6", 0) and \
                     self.read_fe_int("feature-ipv6-csum-offload", 0):
                 offload |= TUN_F_TSO6
         self.tap.set_offload(offload)
-        self.sg = self.read_fe_int("feature-sg", 0) == 1
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"netback-d{self.domid}-{self.devid}")
@@ -219,6 +221,8 @@ class NetBackend(XenbusBackend):
             while entries:
                 res = N.assemble_tx(entries)
                 if res is N.TX_INCOMPLETE:
+                    if len(entries) >= tx.size:       # the rest can never come
+                        raise _Fatal("guest filled the TX ring with one unfinished packet")
                     break
                 if isinstance(res, N.TxError) and res.fatal:
                     raise _Fatal(f"guest sent a malformed packet: {res.reason}")
@@ -246,13 +250,21 @@ class NetBackend(XenbusBackend):
 
     def _send_packet(self, pkt: N.TxPacket) -> int:
         try:
-            first = pkt.slots[0]
-            page = self.guest.map_grant(first.gref, False)
-            head = bytearray(page[first.offset:first.offset + first.size])
-            views: list = [None, head]
-            for s in pkt.slots[1:]:
-                p = self.guest.map_grant(s.gref, False)
-                views.append(p[s.offset:s.offset + s.size])
+            chunks = []
+            for slot in pkt.slots:
+                p = self.guest.map_grant(slot.gref, False)
+                chunks.append(p[slot.offset:slot.offset + slot.size])
+            # the head (copied: it may get the checksum seed) holds at least the headers,
+            # pulled from the following slots if the first is short (skb_checksum_setup)
+            head = bytearray(chunks[0])
+            rest = chunks[1:]
+            while len(head) < HEADER_PULL and rest:
+                take = rest[0][:HEADER_PULL - len(head)]
+                head += take
+                rest[0] = rest[0][len(take):]
+                if not rest[0].nbytes:
+                    rest.pop(0)
+            views: list = [None, head, *rest]
         except GuestAccessError as e:
             log.debug("d%d vif/%d: tx grant: %s", self.domid, self.devid, e)
             self.stats["tx_errors"] += 1
@@ -307,7 +319,9 @@ class NetBackend(XenbusBackend):
                         page[:slot.length] = frame[slot.src:slot.src + slot.length]
                         self.guest.mark_dirty_gfns(gfns)
                     except GuestAccessError:
-                        status_slot = N.pack_rx_response(slot.id, 0, 0, N.NETIF_RSP_ERROR)
+                        # only the status changes: the flags still chain the packet's slots
+                        status_slot = slot.response[:6] + \
+                            N.NETIF_RSP_ERROR.to_bytes(2, "little", signed=True)
                 rx.put_response(status_slot)
             rx.advance(len(slots))
             delivered += 1
