@@ -1,0 +1,131 @@
+"""Test harness for the toolstack: a private pyxen installation driven through its CLI, its
+HTTP API and guest consoles. Used by the toolstack integration tests."""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_MARKS = itertools.count(100)
+
+
+class PyxenHost:
+    """One private pyxen installation under ``base`` (its own run/state/log directories and
+    xenstored socket, so tests never touch the machine's): CLI runner, API, console helpers.
+    ``first_domid`` seeds the domid rover (distinct TAP names between runs)."""
+
+    def __init__(self, base: str, first_domid: int | None = None) -> None:
+        self.base = base
+        self.env = dict(os.environ, PYXEN_RUN_DIR=f"{base}/run", PYXEN_STATE_DIR=f"{base}/st",
+                        PYXEN_LOG_DIR=f"{base}/log", XENSTORED_PATH=f"{base}/run/xs.sock")
+        self.env.pop("PYXEN_SOCKET", None)
+        if first_domid is not None:
+            os.makedirs(f"{base}/st", exist_ok=True)
+            Path(base, "st", "next-domid").write_text(str(first_domid))
+        self.first_domid = first_domid
+
+    def px(self, *args: str, check: bool = True, timeout: float = 120,
+           cwd: str | None = None) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "pyxen.cli.main", *args], env=self.env,
+                           capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        if check and r.returncode != 0:
+            raise AssertionError(f"pyxen {' '.join(args)} -> {r.returncode}\n{r.stderr}"
+                                 f"\n--- pyxend log:\n{self.log('pyxend.log')}")
+        return r
+
+    def log(self, name: str) -> str:
+        try:
+            return Path(self.base, "log", name).read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+        base = self.base
+
+        class Conn(http.client.HTTPConnection):
+            def connect(conn) -> None:  # noqa: N805
+                conn.sock = socket.socket(socket.AF_UNIX)
+                conn.sock.connect(f"{base}/run/pyxend.sock")
+        c = Conn("localhost", timeout=120)
+        c.request(method, path, body=json.dumps(body) if body is not None else None,
+                  headers={"Content-Type": "application/json"})
+        resp = c.getresponse()
+        data = resp.read()
+        c.close()
+        return resp.status, json.loads(data) if data else None
+
+    def info(self, name: str) -> dict:
+        st, body = self.api("GET", f"/v1/domains/{name}")
+        assert st == 200, body
+        return body
+
+    def names(self) -> set[str]:
+        return {line.split()[0] for line in self.px("list").stdout.splitlines()[1:]}
+
+    def sh(self, name: str, cmd: str, timeout: float = 90) -> str:
+        """Run ``cmd`` in the guest's shell; its output (with the echoed command line)."""
+        n = next(_MARKS)
+        end = f"END-{n + 1}"
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(self.info(name)["console"])
+        s.settimeout(timeout)
+        s.sendall(f"{cmd}; echo END-$(({n}+1))\n".encode())
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while end.encode() not in buf and time.monotonic() < deadline:
+            data = s.recv(65536)
+            if not data:
+                break
+            buf += data
+        s.close()
+        text = buf.decode(errors="replace")
+        assert end in text, f"guest {name} never finished {cmd!r}:\n{text[-2000:]}"
+        return text
+
+    def boot(self, cfg: Path, *overrides: str) -> str:
+        r = self.px("create", str(cfg), *overrides)
+        name = re.search(r"domain (\S+) created", r.stderr).group(1)
+        self.wait_for(lambda: self.info(name).get("console"), 60, f"{name}'s console")
+        self.sh(name, "\necho booted")
+        return name
+
+    def wait_for(self, pred, timeout: float = 60, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}\n{self.log('pyxend.log')}")
+
+    def stop(self) -> None:
+        """Destroy our domains, stop our pyxend and xenstored (by pid: only this run's)."""
+        try:
+            st, info = self.api("GET", "/v1/info")
+        except OSError:
+            info = None
+        if isinstance(info, dict):
+            for d in self.api("GET", "/v1/domains")[1]:
+                if d["domid"]:
+                    self.api("DELETE", f"/v1/domains/{d['domid']}")
+            os.kill(info["pyxend_pid"], signal.SIGTERM)
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                cmdline = Path("/proc", pid, "cmdline").read_bytes()
+            except OSError:
+                continue
+            if self.base.encode() in cmdline and b"pyxen" in cmdline:
+                try:
+                    os.kill(int(pid), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
