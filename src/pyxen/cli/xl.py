@@ -306,35 +306,46 @@ def cmd_block_attach(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_block_detach(args: argparse.Namespace) -> int:
+def _detach(args: argparse.Namespace, kind: str, what: str) -> int:
+    """block-detach / network-detach: remove the device, warning if the guest did not let go
+    of it in time (the toolstack removes it anyway, as xl does after its timeout)."""
     api = connect()
     force = "true" if args.force else "false"
-    res = api.delete(f"/domains/{api.dom(args.domain)}/disks/{api.dom(args.device)}"
+    res = api.delete(f"/domains/{api.dom(args.domain)}/{kind}/{api.dom(args.device)}"
                      f"?force={force}&timeout={args.timeout:g}")
     if isinstance(res, dict) and not res.get("clean", True) and not args.force:
-        print(f"pyxen: warning: the guest did not release {args.device} within "
+        print(f"pyxen: warning: the guest did not release {what}{args.device} within "
               f"{args.timeout:g} s; it was removed anyway", file=sys.stderr)
     return 0
 
 
-def cmd_block_list(args: argparse.Namespace) -> int:
-    from pyxen.toolstack.xlformat import BLOCK_LIST_HEADER, format_block_list
+def _device_list(args: argparse.Namespace, kind: str, header: str, fmt) -> int:  # type: ignore[no-untyped-def]
+    """block-list / network-list: xl's table for each domain (dom0 has no devices)."""
     api = connect()
-    sys.stdout.write(BLOCK_LIST_HEADER)
+    sys.stdout.write(header)
     for dom in args.domains:
         if dom in ("0", "Domain-0"):
-            continue                            # dom0 has no virtual disks
+            continue
         try:
-            rows = api.get(f"/domains/{api.dom(dom)}/disks")
+            rows = api.get(f"/domains/{api.dom(dom)}/{kind}")
         except ToolstackError as e:
             if e.status not in (400, 404):
                 raise
             print(f"{dom} is an invalid domain identifier", file=sys.stderr)
             continue
         assert isinstance(rows, list)
-        sys.stdout.write(format_block_list(rows)[len(BLOCK_LIST_HEADER):])
+        sys.stdout.write(fmt(rows)[len(header):])
     sys.stdout.flush()
     return 0
+
+
+def cmd_block_detach(args: argparse.Namespace) -> int:
+    return _detach(args, "disks", "")
+
+
+def cmd_block_list(args: argparse.Namespace) -> int:
+    from pyxen.toolstack.xlformat import BLOCK_LIST_HEADER, format_block_list
+    return _device_list(args, "disks", BLOCK_LIST_HEADER, format_block_list)
 
 
 # ----------------------------------------------------------------------------- networks
@@ -346,34 +357,12 @@ def cmd_network_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_network_detach(args: argparse.Namespace) -> int:
-    api = connect()
-    force = "true" if args.force else "false"
-    res = api.delete(f"/domains/{api.dom(args.domain)}/nics/{api.dom(args.device)}"
-                     f"?force={force}&timeout={args.timeout:g}")
-    if isinstance(res, dict) and not res.get("clean", True) and not args.force:
-        print(f"pyxen: warning: the guest did not release NIC {args.device} within "
-              f"{args.timeout:g} s; it was removed anyway", file=sys.stderr)
-    return 0
+    return _detach(args, "nics", "NIC ")
 
 
 def cmd_network_list(args: argparse.Namespace) -> int:
     from pyxen.toolstack.xlformat import NETWORK_LIST_HEADER, format_network_list
-    api = connect()
-    sys.stdout.write(NETWORK_LIST_HEADER)
-    for dom in args.domains:
-        if dom in ("0", "Domain-0"):
-            continue                            # dom0 has no virtual NICs
-        try:
-            rows = api.get(f"/domains/{api.dom(dom)}/nics")
-        except ToolstackError as e:
-            if e.status not in (400, 404):
-                raise
-            print(f"{dom} is an invalid domain identifier", file=sys.stderr)
-            continue
-        assert isinstance(rows, list)
-        sys.stdout.write(format_network_list(rows)[len(NETWORK_LIST_HEADER):])
-    sys.stdout.flush()
-    return 0
+    return _device_list(args, "nics", NETWORK_LIST_HEADER, format_network_list)
 
 
 # ----------------------------------------------------------------------------- console
