@@ -550,19 +550,7 @@ class Pyxend:
             entry = next((d for d in live.disks if d["devid"] == devid), None)
             if entry is None:
                 raise ToolstackError(f"domain {rec.name!r}: device {device} not connected", 404)
-            req = {"op": "device_remove", "kind": "vbd", "device": str(devid),
-                   "force": bool(force), "timeout": float(timeout)}
-            try:
-                reply = vmm_request(rec.control, req, timeout=timeout + 30, error_status=409)
-            except VmmGone:
-                raise
-            except ToolstackError as e:
-                if "has no disk" not in str(e):
-                    raise
-                reply = {"clean": False}                # the VMM had dropped it already
-            rec.extra["disks"] = [d for d in live.disks if d["devid"] != devid]
-            self._save_if_current(live)
-        clean = bool(reply.get("clean"))
+            clean = self._remove_device(live, "vbd", devid, force, timeout)
         how = " (forced)" if force else "" if clean else " (the guest did not close it)"
         self.printk(f"d{rec.domid} ({rec.name}): disk {entry['vdev']} detached{how}")
         return {"vdev": entry["vdev"], "devid": devid, "clean": clean}
@@ -570,11 +558,39 @@ class Pyxend:
     def disk_list(self, dom: str | int) -> list[dict]:
         """``xl block-list`` rows of the domain's disks (the VMM's view: backend state,
         event channel, ring reference, backend path) plus ``frontend_id``."""
-        live = self.lookup(dom)
+        return self._device_rows(self.lookup(dom), "vbd")
+
+    # ----------------------------------------------------------------- devices (both kinds)
+    _RECORD_KEY = {"vbd": "disks", "vif": "nics"}
+    _VMM_NAME = {"vbd": "disk", "vif": "vif"}
+
+    def _remove_device(self, live: _Live, kind: str, devid: int, force: bool,
+                       timeout: float) -> bool:
+        """Ask the VMM to remove device ``kind``/``devid`` and drop it from the record.
+        Caller holds ``live.dev_lock``. Returns whether the guest closed it cleanly."""
+        req = {"op": "device_remove", "kind": kind, "device": str(devid),
+               "force": bool(force), "timeout": float(timeout)}
+        try:
+            reply = vmm_request(live.rec.control, req, timeout=timeout + 30, error_status=409)
+        except VmmGone:
+            raise
+        except ToolstackError as e:
+            if f"has no {self._VMM_NAME[kind]}" not in str(e):
+                raise
+            reply = {"clean": False}                # the VMM had dropped it already
+        key = self._RECORD_KEY[kind]
+        live.rec.extra[key] = [d for d in live.rec.extra.get(key, []) if d["devid"] != devid]
+        self._save_if_current(live)
+        return bool(reply.get("clean"))
+
+    @staticmethod
+    def _device_rows(live: _Live, kind: str) -> list[dict]:
+        """The VMM's device_list rows for ``kind`` plus ``frontend_id`` ([] while the VMM is
+        building or gone)."""
         if not live.rec.control:
             return []
         try:
-            rows = vmm_call(live.rec.control, "device_list", timeout=10, kind="vbd")["devices"]
+            rows = vmm_call(live.rec.control, "device_list", timeout=10, kind=kind)["devices"]
         except VmmGone:
             return []
         return [dict(r, frontend_id=live.rec.domid) for r in rows]
@@ -670,19 +686,7 @@ class Pyxend:
                 raise ToolstackError(f"domain {rec.name!r}: unknown device {key} (no NIC with "
                                      "that devid or MAC)", 404)
             devid = entry["devid"]
-            req = {"op": "device_remove", "kind": "vif", "device": str(devid),
-                   "force": bool(force), "timeout": float(timeout)}
-            try:
-                reply = vmm_request(rec.control, req, timeout=timeout + 30, error_status=409)
-            except VmmGone:
-                raise
-            except ToolstackError as e:
-                if "has no vif" not in str(e):
-                    raise
-                reply = {"clean": False}                # the VMM had dropped it already
-            rec.extra["nics"] = [n for n in live.nics if n["devid"] != devid]
-            self._save_if_current(live)
-        clean = bool(reply.get("clean"))
+            clean = self._remove_device(live, "vif", devid, force, timeout)
         how = " (forced)" if force else "" if clean else " (the guest did not close it)"
         self.printk(f"d{rec.domid} ({rec.name}): vif {devid} ({entry['mac']}) detached{how}")
         return {"devid": devid, "mac": entry["mac"], "clean": clean}
@@ -691,14 +695,7 @@ class Pyxend:
         """``xl network-list`` rows of the domain's NICs (the VMM's view: backend state,
         event channel, tx/rx ring references, backend path, bridge, TAP, counters) plus
         ``frontend_id``."""
-        live = self.lookup(dom)
-        if not live.rec.control:
-            return []
-        try:
-            rows = vmm_call(live.rec.control, "device_list", timeout=10, kind="vif")["devices"]
-        except VmmGone:
-            return []
-        return [dict(r, frontend_id=live.rec.domid) for r in rows]
+        return self._device_rows(self.lookup(dom), "vif")
 
     # ----------------------------------------------------------------- queries
     def domain_info(self, dom: str | int) -> dict:
