@@ -8,19 +8,19 @@ starts its own pyxend, which starts its own xenstored; both are stopped at the e
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from pyxen.testing.toolstack import PyxenHost
 
 pytestmark = pytest.mark.tcg
 
@@ -29,44 +29,8 @@ DEBIAN_CFG = ROOT / "examples" / "debian.cfg"
 ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([-rbpscwSd?]{6})\s+(\d+\.\d)$")
 
 
-class Host:
-    """One private pyxen installation: environment, CLI runner, API helper."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.env = dict(os.environ, PYXEN_RUN_DIR=f"{base}/run", PYXEN_STATE_DIR=f"{base}/st",
-                        PYXEN_LOG_DIR=f"{base}/log", XENSTORED_PATH=f"{base}/run/xs.sock")
-        self.env.pop("PYXEN_SOCKET", None)
-
-    def px(self, *args: str, check: bool = True, timeout: float = 120,
-           stdin: str | None = None) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "pyxen.cli.main", *args], env=self.env,
-                           input=stdin, capture_output=True, text=True, timeout=timeout)
-        if check and r.returncode != 0:
-            raise AssertionError(f"pyxen {' '.join(args)} -> {r.returncode}\n{r.stderr}"
-                                 f"\n--- pyxend log:\n{self.log('pyxend.log')}")
-        return r
-
-    def log(self, name: str) -> str:
-        try:
-            return Path(self.base, "log", name).read_text()[-4000:]
-        except OSError:
-            return ""
-
-    def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
-        import http.client
-
-        class Conn(http.client.HTTPConnection):
-            def connect(conn) -> None:  # noqa: N805
-                conn.sock = socket.socket(socket.AF_UNIX)
-                conn.sock.connect(f"{self.base}/run/pyxend.sock")
-        c = Conn("localhost", timeout=60)
-        c.request(method, path, body=json.dumps(body) if body is not None else None,
-                  headers={"Content-Type": "application/json"})
-        resp = c.getresponse()
-        data = resp.read()
-        c.close()
-        return resp.status, json.loads(data) if data else None
+class Host(PyxenHost):
+    """The shared harness plus ``xl list`` parsing and a console that waits for a marker."""
 
     def rows(self) -> dict[str, tuple]:
         out = self.px("list").stdout.splitlines()
@@ -97,26 +61,6 @@ class Host:
         assert expect in text, f"console never showed {expect!r}:\n{text[-2000:]}"
         return text
 
-    def wait_for(self, pred, timeout: float = 60, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}\n{self.log('pyxend.log')}")
-
-    def shutdown_all(self) -> None:
-        try:
-            st, info = self.api("GET", "/v1/info")
-        except OSError:
-            info = None
-        if isinstance(info, dict):
-            for d in self.api("GET", "/v1/domains")[1]:
-                if d["domid"]:
-                    self.api("DELETE", f"/v1/domains/{d['domid']}")
-            os.kill(info["pyxend_pid"], signal.SIGTERM)
-        subprocess.run(["pkill", "-f", self.base], check=False)
-
 
 @pytest.fixture(scope="module")
 def host():
@@ -129,7 +73,7 @@ def host():
     base = tempfile.mkdtemp(prefix="pxts-", dir="/tmp")   # short: AF_UNIX paths <= 107
     h = Host(base)
     yield h
-    h.shutdown_all()
+    h.stop()
     shutil.rmtree(base, ignore_errors=True)
 
 

@@ -34,9 +34,10 @@ class PyxenHost:
         self.first_domid = first_domid
 
     def px(self, *args: str, check: bool = True, timeout: float = 120,
-           cwd: str | None = None) -> subprocess.CompletedProcess:
+           cwd: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
         r = subprocess.run([sys.executable, "-m", "pyxen.cli.main", *args], env=self.env,
-                           capture_output=True, text=True, timeout=timeout, cwd=cwd)
+                           input=stdin, capture_output=True, text=True, timeout=timeout,
+                           cwd=cwd)
         if check and r.returncode != 0:
             raise AssertionError(f"pyxen {' '.join(args)} -> {r.returncode}\n{r.stderr}"
                                  f"\n--- pyxend log:\n{self.log('pyxend.log')}")
