@@ -208,25 +208,15 @@ class FrontRing:
                 return got
 
 
-class FakeBlkfront:
-    """Linux's xen-blkfront handshake and ring use, for device ``devid`` of ``guest``."""
+class FakeFrontend:
+    """The xenstore side every fake frontend shares: its directory ``fe`` (written as the
+    guest), the backend's ``be`` (read), and waiting for a backend state."""
 
-    def __init__(self, guest: FakeGuest, server: XenstoreServer, devid: int = 51712, *,
-                 ring_page_order: int = 0, queues: int = 1, persistent: bool = True,
-                 protocol: str = "x86_64-abi", start_index: int = 0) -> None:
-        self.guest = guest
-        self.server = server
-        self.devid = devid
-        self.order = ring_page_order
-        self.nqueues = queues
-        self.persistent = persistent
-        self.protocol = protocol
-        self.start_index = start_index
-        self.fe = frontend_path("vbd", guest.domid, devid)
-        self.be = backend_path("vbd", guest.domid, devid)
-        self.rings: list[FrontRing] = []
+    guest: FakeGuest
+    server: XenstoreServer
+    fe: str
+    be: str
 
-    # --- xenstore
     def fe_write(self, key: str, value: str) -> None:
         self.server.write(f"{self.fe}/{key}", value, domid=self.guest.domid)
 
@@ -250,6 +240,25 @@ class FakeBlkfront:
 
     def set_state(self, state: int) -> None:
         self.fe_write("state", str(state))
+
+
+class FakeBlkfront(FakeFrontend):
+    """Linux's xen-blkfront handshake and ring use, for device ``devid`` of ``guest``."""
+
+    def __init__(self, guest: FakeGuest, server: XenstoreServer, devid: int = 51712, *,
+                 ring_page_order: int = 0, queues: int = 1, persistent: bool = True,
+                 protocol: str = "x86_64-abi", start_index: int = 0) -> None:
+        self.guest = guest
+        self.server = server
+        self.devid = devid
+        self.order = ring_page_order
+        self.nqueues = queues
+        self.persistent = persistent
+        self.protocol = protocol
+        self.start_index = start_index
+        self.fe = frontend_path("vbd", guest.domid, devid)
+        self.be = backend_path("vbd", guest.domid, devid)
+        self.rings: list[FrontRing] = []
 
     # --- handshake (blkfront's talk_to_blkback + blkfront_connect)
     def setup_rings(self) -> None:

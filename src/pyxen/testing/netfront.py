@@ -40,7 +40,7 @@ from pyxen.backends.xenbus import (CLOSED, CLOSING, CONNECTED, INITIALISING, INI
                                    backend_path, frontend_path)
 from pyxen.core.memory import PAGE
 from pyxen.host.tap import VNET_HDR_LEN, pack_vnet_hdr, unpack_vnet_hdr
-from pyxen.testing.blkfront import BACKEND, FakeGuest
+from pyxen.testing.blkfront import BACKEND, FakeFrontend, FakeGuest
 from pyxen.xen.abi import xen as X
 from pyxen.xenstore.server import XenstoreServer
 
@@ -334,7 +334,7 @@ class _Pool:
         self.free.append(buf)
 
 
-class FakeNetfront:
+class FakeNetfront(FakeFrontend):
     """Linux's xen-netfront handshake and ring use for vif ``devid`` of ``guest``.
 
     ``features`` overrides :data:`DEFAULT_FEATURES` (a value of None removes the key).
@@ -367,33 +367,9 @@ class FakeNetfront:
         self._rx_raw: list[tuple[int, bytes]] = []
         self.rx_packets: list[RxPacket] = []
 
-    # --- xenstore
-    def fe_write(self, key: str, value: str) -> None:
-        self.server.write(f"{self.fe}/{key}", value, domid=self.guest.domid)
-
+    # --- xenstore (the rest: FakeFrontend)
     def fe_rm(self, key: str) -> None:
         self.server.rm(f"{self.fe}/{key}")
-
-    def be_read(self, key: str) -> str | None:
-        try:
-            return self.server.read(f"{self.be}/{key}").decode()
-        except Exception:
-            return None
-
-    def backend_state(self) -> int:
-        v = self.be_read("state")
-        return int(v) if v else 0
-
-    def wait_backend(self, state: int, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.backend_state() == state:
-                return True
-            time.sleep(0.002)
-        return self.backend_state() == state
-
-    def set_state(self, state: int) -> None:
-        self.fe_write("state", str(state))
 
     # --- handshake (netfront's talk_to_netback)
     def setup_rings(self) -> None:
