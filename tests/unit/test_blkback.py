@@ -20,7 +20,8 @@ from pyxen.backends.guestio import DomainGuestAccess
 from pyxen.backends.xenbus import (CLOSED, CLOSING, CONNECTED, INITIALISING, INITWAIT,
                                    LocalBus)
 from pyxen.core.memory import PAGE
-from pyxen.testing.blkfront import GNT_WINDOW, FakeBlkfront, FakeGuest, create_vbd_nodes
+from pyxen.testing.blkfront import (GNT_WINDOW, FakeBlkfront, FakeGuest, create_vbd_nodes,
+                                    poll)
 from pyxen.xen.abi import xen as X
 from pyxen.xen.evtchn import INTERDOMAIN, UNBOUND
 from pyxen.xenstore.server import XenstoreServer
@@ -58,14 +59,7 @@ class Rig:
         except Exception:
             return None
 
-    @staticmethod
-    def wait(pred, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return True
-            time.sleep(0.002)
-        return pred()
+    wait = staticmethod(poll)
 
     def front(self, connect=True, **kw) -> FakeBlkfront:
         f = FakeBlkfront(self.guest, self.server, DEVID, **kw)

@@ -28,7 +28,7 @@ from pyxen.host.tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VIRTIO_NET_HDR_F
                             VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
                             VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VNET_HDR_LEN,
                             VnetHdr, pack_vnet_hdr)
-from pyxen.testing.blkfront import GNT_WINDOW, FakeGuest
+from pyxen.testing.blkfront import GNT_WINDOW, FakeGuest, poll
 from pyxen.testing.netfront import FakeNetfront, FakeTap, create_vif_nodes
 from pyxen.xen.abi import xen as X
 from pyxen.xen.evtchn import INTERDOMAIN, UNBOUND
@@ -160,14 +160,7 @@ class Rig:
         except Exception:
             return None
 
-    @staticmethod
-    def wait(pred, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return True
-            time.sleep(0.002)
-        return pred()
+    wait = staticmethod(poll)
 
     def front(self, connect=True, **kw) -> FakeNetfront:
         f = FakeNetfront(self.guest, self.server, DEVID, **kw)

@@ -208,6 +208,16 @@ class FrontRing:
                 return got
 
 
+def poll(pred, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    """Whether ``pred()`` became true within ``timeout`` seconds (checked every 2 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.002)
+    return bool(pred())
+
+
 class FakeFrontend:
     """The xenstore side every fake frontend shares: its directory ``fe`` (written as the
     guest), the backend's ``be`` (read), and waiting for a backend state."""
@@ -231,12 +241,7 @@ class FakeFrontend:
         return int(v) if v else 0
 
     def wait_backend(self, state: int, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.backend_state() == state:
-                return True
-            time.sleep(0.002)
-        return self.backend_state() == state
+        return poll(lambda: self.backend_state() == state, timeout)
 
     def set_state(self, state: int) -> None:
         self.fe_write("state", str(state))
