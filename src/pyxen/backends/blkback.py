@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from pyxen.backends import blkif as B
 from pyxen.backends.disk import DiskImage
-from pyxen.backends.guestio import GuestAccessError, DomainGuestAccess
+from pyxen.backends.guestio import GuestAccess, GuestAccessError
 from pyxen.backends.ring import BackRing, RingError, RingPages
 from pyxen.backends.xenbus import BackendBus, DeviceError, XenbusBackend
 
@@ -146,7 +146,7 @@ class BlkBackend(XenbusBackend):
 
     kind = "vbd"
 
-    def __init__(self, bus: BackendBus, guest: DomainGuestAccess, devid: int,
+    def __init__(self, bus: BackendBus, guest: GuestAccess, devid: int,
                  disk: DiskImage, *, discard: bool = True, max_queues: int = MAX_QUEUES,
                  inline: bool = True) -> None:
         super().__init__(bus, guest.domid, devid)
@@ -236,8 +236,7 @@ class BlkBackend(XenbusBackend):
             if req.ring_op == B.OP_INDIRECT:
                 self._load_indirect(req)
             op = req.operation
-            if self.disk.readonly and (op in (B.OP_WRITE, B.OP_WRITE_BARRIER, B.OP_DISCARD)
-                                       or (op == B.OP_FLUSH_DISKCACHE and req.segments)):
+            if self.disk.readonly and req.writes:
                 raise B.BadRequest(req.id, req.operation, B.RSP_ERROR, "write to read-only disk")
             if op == B.OP_DISCARD:
                 if not self.discard:
@@ -285,8 +284,8 @@ class BlkBackend(XenbusBackend):
                 if hit is not None:
                     queue.persistent[gref] = hit
                     return hit
-        frame = self.guest.grant_frame(gref, write)
-        return self.guest.memory.view(frame * 4096, 4096), frame
+        (page,), (frame,) = self.guest.map_grants([gref], write)
+        return page, frame
 
     def _transfer(self, req: B.Request, queue: _Queue) -> None:
         to_guest = req.operation == B.OP_READ

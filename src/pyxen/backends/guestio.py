@@ -43,8 +43,17 @@ class GuestAccess(Protocol):
     def map_grant(self, ref: int, write: bool) -> memoryview:
         """The 4096-byte page granted by ``ref`` (GuestAccessError if it may not be used)."""
 
-    def mark_dirty(self, ref_view: memoryview, gfn: int | None = None) -> None:
-        """Record that the backend wrote the page (for migration)."""
+    def map_grants(self, refs: list[int], write: bool) -> tuple[list[memoryview], list[int]]:
+        """The pages granted by ``refs`` and their frame numbers (for :meth:`mark_dirty_gfns`)."""
+
+    def pin_grant(self, ref: int, write: bool) -> tuple[memoryview, int]:
+        """Map ``ref`` and mark it in use until :meth:`unpin_grant` (persistent grants)."""
+
+    def unpin_grant(self, ref: int, write: bool) -> None:
+        """Drop :meth:`pin_grant`'s mark."""
+
+    def mark_dirty_gfns(self, gfns: list[int]) -> None:
+        """Record that the backend wrote these frames (for migration)."""
 
     def bind_port(self, port: int, on_event: Callable[[], None]) -> int:
         """Bind the frontend's unbound port (offered to dom0); ``on_event`` runs (any thread,
@@ -103,10 +112,6 @@ class DomainGuestAccess:
         """Views and frame numbers of several grants."""
         gfns = [self.grant_frame(r, write) for r in refs]
         return [self.memory.view(g * PAGE, PAGE) for g in gfns], gfns
-
-    def mark_dirty(self, _view: memoryview | None = None, gfn: int | None = None) -> None:
-        if gfn is not None:
-            self.memory.mark_dirty(gfn * PAGE, PAGE)
 
     def mark_dirty_gfns(self, gfns: list[int]) -> None:
         self.memory.vmm_dirty.update(gfns)

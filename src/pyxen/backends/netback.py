@@ -37,7 +37,7 @@ import threading
 import time
 
 from pyxen.backends import netif as N
-from pyxen.backends.guestio import DomainGuestAccess, GuestAccessError
+from pyxen.backends.guestio import GuestAccess, GuestAccessError
 from pyxen.backends.ring import BackRing, RingError, RingPages
 from pyxen.backends.xenbus import BackendBus, DeviceError, XenbusBackend
 from pyxen.host.tap import (MAX_FRAME, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN, Tap)
@@ -77,7 +77,7 @@ class NetBackend(XenbusBackend):
 
     kind = "vif"
 
-    def __init__(self, bus: BackendBus, guest: DomainGuestAccess, devid: int, tap: Tap, *,
+    def __init__(self, bus: BackendBus, guest: GuestAccess, devid: int, tap: Tap, *,
                  rate: tuple[int, int] | None = None) -> None:
         super().__init__(bus, guest.domid, devid)
         self.guest = guest

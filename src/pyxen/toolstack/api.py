@@ -160,8 +160,7 @@ def make_app(daemon: Pyxend) -> FastAPI:
     def detach_disk(dom: str, vdev: str, force: bool = False,
                     timeout: float = DETACH_TIMEOUT) -> dict:
         _not_dom0(dom)
-        if not 0 < timeout <= 3600:
-            raise ToolstackError(f"timeout {timeout:g}: must be in (0, 3600] seconds", 400)
+        _check_detach_timeout(timeout)
         return daemon.disk_detach(dom, vdev, force=force, timeout=timeout)
 
     @app.get(p + "/domains/{dom}/nics",
@@ -181,8 +180,7 @@ def make_app(daemon: Pyxend) -> FastAPI:
     def detach_nic(dom: str, device: str, force: bool = False,
                    timeout: float = DETACH_TIMEOUT) -> dict:
         _not_dom0(dom)
-        if not 0 < timeout <= 3600:
-            raise ToolstackError(f"timeout {timeout:g}: must be in (0, 3600] seconds", 400)
+        _check_detach_timeout(timeout)
         return daemon.nic_detach(dom, device, force=force, timeout=timeout)
 
     @app.get(f"{p}/dmesg", summary="the hypervisor's message ring (xl dmesg)")
@@ -190,6 +188,11 @@ def make_app(daemon: Pyxend) -> FastAPI:
         return {"lines": daemon.dmesg(clear)}
 
     return app
+
+
+def _check_detach_timeout(timeout: float) -> None:
+    if not 0 < timeout <= 3600:
+        raise ToolstackError(f"timeout {timeout:g}: must be in (0, 3600] seconds", 400)
 
 
 def _not_dom0(dom: str) -> None:

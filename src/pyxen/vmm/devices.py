@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pyxen.backends.blkback import BlkBackend
 from pyxen.backends.netback import NetBackend
 from pyxen.backends.disk import DiskError, QemuExport, open_disk
-from pyxen.backends.guestio import DomainGuestAccess
+from pyxen.backends.guestio import GuestAccess
 from pyxen.backends.xenbus import (INITIALISING, STATE_NAMES, BackendBus, backend_path,
                                    frontend_path)
 from pyxen.errors import DomainError
@@ -82,7 +82,7 @@ class NicConfig:
 class DeviceManager:
     """All split-driver devices of one domain."""
 
-    def __init__(self, bus: BackendBus, guest: DomainGuestAccess, run_dir: str,
+    def __init__(self, bus: BackendBus, guest: GuestAccess, run_dir: str,
                  max_queues: int = 1) -> None:
         self.bus = bus
         self.guest = guest
