@@ -274,8 +274,9 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
     vmm.xenstore = xs
     vmm.store_link = link
     # split-driver devices: backends in this process, reached by the guest through xenbus
-    bus = SocketBus(cfg.xenstored) if link is not None else LocalBus(xs)
-    vmm.devices = DeviceManager(bus, DomainGuestAccess(xd), cfg.run_dir,
+    xenstored = cfg.xenstored
+    bus_factory = (lambda: SocketBus(xenstored)) if link is not None else (lambda: LocalBus(xs))
+    vmm.devices = DeviceManager(bus_factory, DomainGuestAccess(xd), cfg.run_dir,
                                 max_queues=min(cfg.vcpus, 4))
     try:
         for disk in cfg.disks:

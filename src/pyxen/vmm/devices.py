@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from pyxen.backends.blkback import BlkBackend
 from pyxen.backends.netback import NetBackend
@@ -80,11 +81,14 @@ class NicConfig:
 
 
 class DeviceManager:
-    """All split-driver devices of one domain."""
+    """All split-driver devices of one domain. ``bus_factory`` makes the backends' xenstore
+    connection when the first device is added (a domain without devices opens none)."""
 
-    def __init__(self, bus: BackendBus, guest: GuestAccess, run_dir: str,
-                 max_queues: int = 1) -> None:
-        self.bus = bus
+    def __init__(self, bus_factory: Callable[[], BackendBus], guest: GuestAccess,
+                 run_dir: str, max_queues: int = 1) -> None:
+        self._bus_factory = bus_factory
+        self._bus: BackendBus | None = None
+        self._bus_lock = threading.Lock()
         self.guest = guest
         self.domid = guest.domid
         self.run_dir = run_dir
@@ -92,6 +96,13 @@ class DeviceManager:
         self.lock = threading.Lock()
         self.disks: dict[int, tuple[DiskConfig, BlkBackend, QemuExport | None]] = {}
         self.nics: dict[int, tuple[NicConfig, NetBackend]] = {}
+
+    @property
+    def bus(self) -> BackendBus:
+        with self._bus_lock:
+            if self._bus is None:
+                self._bus = self._bus_factory()
+            return self._bus
 
     # --- block devices
     def add_disk(self, cfg: DiskConfig) -> BlkBackend:
@@ -340,5 +351,6 @@ class DeviceManager:
             self._remove_nodes("vbd", cfg.devid)
             if export is not None:
                 export.close()
-        self.bus.close()
+        if self._bus is not None:
+            self._bus.close()
 
