@@ -30,8 +30,8 @@ from typing import Callable, Iterable, Protocol
 from pyxen.xenstore.client import XenstoreClient
 from pyxen.xenstore.server import XenstoreServer
 from pyxen.xenstore.store import XenstoreError
-from pyxen.xenstore.wire import (XS_WATCH, XS_WATCH_EVENT, Message, MessageParser, ProtocolError,
-                                 join_strings, pack, split_strings)
+from pyxen.xenstore.wire import (XS_UNWATCH, XS_WATCH, XS_WATCH_EVENT, Message, MessageParser,
+                                 ProtocolError, join_strings, pack, split_strings)
 
 log = logging.getLogger("pyxen.backends")
 
@@ -153,7 +153,6 @@ class LocalBus:
         return token
 
     def unwatch(self, token: str) -> None:
-        from pyxen.xenstore.wire import XS_UNWATCH
         entry = self._disp.callbacks.pop(token, None)
         if entry is not None:
             self._conn.handle(Message(XS_UNWATCH, next(self._req_id), 0,
@@ -247,7 +246,6 @@ class SocketBus:
         return token
 
     def unwatch(self, token: str) -> None:
-        from pyxen.xenstore.wire import XS_UNWATCH
         entry = self._disp.callbacks.pop(token, None)
         if entry is None:
             return
