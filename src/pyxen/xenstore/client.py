@@ -8,7 +8,9 @@ type the in-process :class:`~pyxen.xenstore.server.XenstoreServer` API raises, s
 :func:`~pyxen.xenstore.server.populate_domain` runs against either.
 
 :meth:`introduce` may attach file descriptors (SCM_RIGHTS): pyxen's xenstored maps a domain's
-store page and signals its event channel through them (see ``daemon``).
+store page and signals its event channel through them (see ``daemon``). The migration helpers
+(:meth:`export_domain`, :meth:`thaw_domain`, :meth:`import_domain`) are pyxen's XS_CONTROL
+extensions; their JSON document travels in a memfd sent along with the request.
 
 Not thread-safe: one owner per client.
 """
@@ -16,13 +18,14 @@ Not thread-safe: one owner per client.
 from __future__ import annotations
 
 import array
+import json
 import os
 import socket
 from collections import deque
 from collections.abc import Iterable, Sequence
 
 from pyxen.xenstore.store import XenstoreError
-from pyxen.xenstore.wire import (XS_DIRECTORY, XS_ERROR, XS_GET_PERMS, XS_INTRODUCE,
+from pyxen.xenstore.wire import (XS_CONTROL, XS_DIRECTORY, XS_ERROR, XS_GET_PERMS, XS_INTRODUCE,
                                  XS_IS_DOMAIN_INTRODUCED, XS_MKDIR, XS_READ, XS_RELEASE, XS_RM,
                                  XS_SET_PERMS, XS_TRANSACTION_END, XS_TRANSACTION_START,
                                  XS_UNWATCH, XS_WATCH, XS_WATCH_EVENT, XS_WRITE, XSD_ERRORS,
@@ -170,3 +173,40 @@ class XenstoreClient:
 
     def is_introduced(self, domid: int) -> bool:
         return self.request(XS_IS_DOMAIN_INTRODUCED, join_strings(str(domid))) == b"T\0"
+
+    # ----------------------------------------------------------------- migration (pyxen)
+
+    def export_domain(self, domid: int, roots: Iterable[str]) -> dict:
+        """Freeze ``domid``'s store ring on this xenstored and return its migration document
+        (nodes under ``roots``, absolute paths, plus the ring connection's state; format in
+        :func:`pyxen.xenstore.server.migration_document`). The ring stays frozen until
+        :meth:`thaw_domain` or XS_RELEASE. XenstoreError: EINVAL, ENOENT (no ring here)."""
+        fd = os.memfd_create("pyxen-xs-export", os.MFD_CLOEXEC)
+        try:
+            self.request(XS_CONTROL, join_strings("pyxen-export", str(domid), *roots),
+                         fds=(fd,))
+            data = bytearray()
+            while chunk := os.pread(fd, 1 << 20, len(data)):
+                data += chunk
+        finally:
+            os.close(fd)
+        return json.loads(data)
+
+    def thaw_domain(self, domid: int) -> None:
+        """Undo :meth:`export_domain`'s freeze (the migration failed): xenstored serves the
+        ring again, including everything the guest sent meanwhile."""
+        self.request(XS_CONTROL, join_strings("pyxen-thaw", str(domid)))
+
+    def import_domain(self, domid: int, state: dict) -> None:
+        """Load a document from :meth:`export_domain` into this xenstored: its nodes are
+        written now, its connection state is taken up by ``domid``'s next :meth:`introduce`
+        with descriptors. XenstoreError EINVAL (nothing changed) for a bad document, EEXIST
+        if the domain's ring is served here."""
+        fd = os.memfd_create("pyxen-xs-import", os.MFD_CLOEXEC)
+        try:
+            data = memoryview(json.dumps(state, separators=(",", ":")).encode())
+            while data:
+                data = data[os.write(fd, data):]
+            self.request(XS_CONTROL, join_strings("pyxen-import", str(domid)), fds=(fd,))
+        finally:
+            os.close(fd)

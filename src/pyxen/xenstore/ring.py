@@ -12,6 +12,11 @@ empty request ring (``prod <= req_cons``) or frees space in a *full* response ri
 backend always consumes every available request byte, fills the response ring completely
 when output is pending, and re-checks both rings after a full barrier before going idle.
 
+Migration: :meth:`XenstoreRing.freeze` stops all ring work (requests stay in the page, output
+stays queued); :meth:`XenstoreRing.export_state` then captures what lives outside the page
+(queued output, a partial request) and :meth:`XenstoreRing.thaw` resumes. On the destination,
+:meth:`XenstoreRing.restore` puts that state back before the first pass over the copied page.
+
 Index words are accessed through a ``memoryview.cast("I")`` so each load/store is one aligned
 4-byte access (``struct.pack_into("<I")`` writes byte by byte, which a guest on another CPU
 could observe torn). Full barriers come from a locked exchange (``pyxen.core.atomics``).
@@ -24,7 +29,7 @@ import threading
 from typing import Callable
 
 from pyxen.core.atomics import full_barrier
-from pyxen.xenstore.server import Connection
+from pyxen.xenstore.server import Connection, ConnectionState
 from pyxen.xenstore.wire import (CONNECTION, ERROR_FIELD, REQ_CONS, REQ_OFF, REQ_PROD,
                                  RING_SIZE, RSP_CONS, RSP_OFF, RSP_PROD, SERVER_FEATURES,
                                  XENSTORE_CONNECTED, XENSTORE_ERROR_NONE, XENSTORE_ERROR_PROTO,
@@ -65,6 +70,7 @@ class XenstoreRing:
         self.parser = MessageParser()
         self.pending = bytearray()                 # packed output not yet in the ring
         self.broken = False
+        self.frozen = False                        # migration: no ring work at all
         self._lock = threading.Lock()
         self._kick = False
         self.words[_W_FEATURES] = FEATURES
@@ -81,6 +87,49 @@ class XenstoreRing:
     def flush(self) -> None:
         """Output was queued on the connection from elsewhere: push it to the guest."""
         self._run()
+
+    # ----------------------------------------------------------------- migration
+
+    def freeze(self) -> None:
+        """Stop reading requests and writing responses (and the reconnect handshake) until
+        :meth:`thaw`. Notifications and output arriving meanwhile are kept, not lost: the
+        guest's requests stay in the page, output queues on the connection. Idempotent."""
+        with self._lock:                           # waits for a pass in progress
+            self.frozen = True
+
+    def thaw(self) -> None:
+        """Undo :meth:`freeze` and run a pass at once: whatever the guest wrote (and every
+        notification it sent) meanwhile is served, queued output delivered."""
+        with self._lock:
+            self.frozen = False
+        self._run()
+
+    def export_state(self) -> ConnectionState:
+        """The connection's migratable state (a frozen ring only, else RuntimeError):
+        ``output`` = bytes not yet in the response ring (this ring's pending bytes, then the
+        connection's queued messages), ``input`` = the partial request consumed from the
+        request ring. Nothing is drained: a :meth:`thaw` continues as if never frozen."""
+        with self._lock:
+            if not self.frozen:
+                raise RuntimeError("export_state needs a frozen ring")
+            state = self.conn.state()
+            state.output = bytes(self.pending) + state.output
+            state.input = bytes(self.parser._buf)  # wire.MessageParser keeps no other copy
+            return state
+
+    def restore(self, output: bytes, partial_input: bytes) -> None:
+        """Before the first pass on a migrated page: ``output`` goes out ahead of anything
+        new, ``partial_input`` is fed to the parser first (ValueError if it holds a complete
+        message or a bad header; nothing is changed then)."""
+        probe = MessageParser()
+        try:
+            if probe.feed(partial_input):
+                raise ValueError("partial input holds a complete message")
+        except ProtocolError as e:
+            raise ValueError(f"partial input: {e}") from None
+        with self._lock:
+            self.parser.feed(partial_input)
+            self.pending[:0] = output
 
     def _run(self) -> None:
         self._kick = True
@@ -104,6 +153,8 @@ class XenstoreRing:
 
     def _service(self) -> bool:
         """One pass until quiescent; True if the guest should be notified."""
+        if self.frozen:
+            return False                           # thaw() runs a full pass
         w = self.words
         signal = False
         if w[_W_CONNECTION] == XENSTORE_RECONNECT:

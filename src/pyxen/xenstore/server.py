@@ -16,25 +16,34 @@ the server; they must not block for long.
 
 Guest input never raises out of :meth:`Connection.handle`: malformed payloads get EINVAL,
 unknown types ENOSYS, internal failures EIO.
+
+Migration (the sans-IO half; xenstored's daemon moves the bytes): :meth:`XenstoreServer.export_nodes`
+and :meth:`Connection.state` produce a domain's part of the store and its connection state;
+:func:`migration_document` / :func:`parse_migration_document` are the JSON document (format
+there); :meth:`XenstoreServer.import_domain` applies a parsed one and returns the domain's
+connection with its watches and *doomed* transactions (their commit is EAGAIN).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
-from pyxen.xenstore.store import (READ, Event, Store, XenstoreError, domain_path, is_child)
+from pyxen.xenstore.store import (READ, Event, Store, XenstoreError, domain_path, format_perm,
+                                  is_child, parse_perm)
 from pyxen.xenstore.wire import (XENSTORE_PAYLOAD_MAX, XENSTORE_REL_PATH_MAX, XS_CONTROL,
                                  XS_DIRECTORY, XS_DIRECTORY_PART, XS_ERROR, XS_GET_DOMAIN_PATH,
                                  XS_GET_PERMS, XS_INTRODUCE, XS_IS_DOMAIN_INTRODUCED, XS_MKDIR,
                                  XS_READ, XS_RELEASE, XS_RESET_WATCHES, XS_RESUME, XS_RM,
                                  XS_SET_PERMS, XS_SET_TARGET, XS_TRANSACTION_END,
                                  XS_TRANSACTION_START, XS_UNWATCH, XS_WATCH, XS_WATCH_EVENT,
-                                 XS_WRITE, Message, error_reply, join_strings, reply,
-                                 split_strings)
+                                 XS_WRITE, Message, MessageParser, ProtocolError, error_reply,
+                                 join_strings, pack, reply, split_strings)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,7 @@ class Transaction:
     work: Store        # tracked copy of the store at start; the transaction's requests run
                        # against it, and it remembers what each touched path held then
     events: list[Event] = field(default_factory=list)
+    doomed: bool = False   # migrated in: requests work on ``work``, the commit is EAGAIN
 
 
 @dataclass
@@ -100,6 +110,21 @@ class Connection:
         rejected the request, e.g. unusable descriptors on an INTRODUCE)."""
         with self.server.lock:
             self._out.append(error_reply(msg, name))
+
+    def answer(self, msg: Message, payload: bytes) -> None:
+        """Queue the success reply ``payload`` for ``msg``, which the transport handled
+        itself (e.g. a pyxen XS_CONTROL command of the daemon)."""
+        with self.server.lock:
+            self._out.append(reply(msg, payload))
+
+    def state(self) -> ConnectionState:
+        """This connection's migratable state: watches as registered, open transaction ids,
+        and ``output`` = its queued messages, packed (not drained). ``input`` is empty: a
+        partial request is the transport's."""
+        with self.server.lock:
+            return ConnectionState([(w.path, w.token) for w in self.watches.values()],
+                                   sorted(self.transactions),
+                                   b"".join(pack(m) for m in self._out))
 
     def outgoing(self) -> list[Message]:
         """Drain and return everything queued for this connection, in order."""
@@ -356,7 +381,7 @@ class XenstoreServer:
                 raise XenstoreError("ENOENT", "no such transaction")
             del conn.transactions[msg.tx_id]
             if arg == "T":
-                if self.store.conflicts(tx.work):
+                if tx.doomed or self.store.conflicts(tx.work):
                     raise XenstoreError("EAGAIN", "transaction conflict")
                 self.store.apply(tx.work)
                 ctx.events.extend(tx.events)
@@ -462,6 +487,71 @@ class XenstoreServer:
                 return
             conn.watches[(absp, token)] = Watch.of(path, token, absp)
 
+    # ----------------------------------------------------------------- migration
+
+    def export_nodes(self, roots: Iterable[str]) -> list[dict[str, Any]]:
+        """Every node under each of ``roots`` (absolute paths; missing ones are skipped), as
+        the migration document's ``nodes``: ``{"path", "value" (base64), "perms"}``, each
+        parent before its children, each node once (a root under another root adds
+        nothing). EINVAL for a root that is not an absolute node path."""
+        with self.lock:
+            tops: list[str] = []
+            for r in roots:
+                if not r.startswith("/") or self.store.canonical(0, r) != r:
+                    raise XenstoreError("EINVAL", f"bad root {r!r}")
+                tops.append(r)
+            tops = [r for r in tops if not any(o != r and is_child(r, o) for o in tops)]
+            out: list[dict[str, Any]] = []
+            seen: set[str] = set()
+            nodes = self.store.nodes
+            for top in tops:
+                stack = [top] if top in nodes and top not in seen else []
+                while stack:
+                    p = stack.pop()
+                    seen.add(p)
+                    n = nodes[p]
+                    out.append({"path": p, "value": base64.b64encode(n.value).decode(),
+                                "perms": [format_perm(x) for x in n.perms]})
+                    base = p if p != "/" else ""
+                    stack.extend(f"{base}/{c}" for c in reversed(n.children))
+            return out
+
+    def restore_connection(self, domid: int, state: ConnectionState) -> Connection:
+        """A new connection for ``domid`` holding ``state``'s watches (no initial events)
+        and transactions (doomed: they work on a copy of the store as it is now, and their
+        commit fails with EAGAIN, so the client retries). It is registered -- watch events
+        queue on it from now on -- but does not introduce the domain. ``state.output`` and
+        ``state.input`` are the transport's. EINVAL (nothing registered) for a bad watch."""
+        return self._restore(domid, state, [])
+
+    def import_domain(self, imp: DomainImport) -> Connection:
+        """Apply a parsed migration document atomically: write its nodes with their values
+        and permissions as dom0 (watches of existing connections fire as for any write),
+        then :meth:`restore_connection` its connection state (which therefore sees no
+        events for the import itself)."""
+        return self._restore(imp.domid, imp.connection, imp.nodes)
+
+    def _restore(self, domid: int, state: ConnectionState,
+                 nodes: list[tuple[str, bytes, tuple[str, ...]]]) -> Connection:
+        conn = Connection(self, domid)
+        ctx = _Ctx()
+        with self.lock:
+            for path, token in state.watches:
+                absp = self.store.canonical(domid, path, special_ok=True)
+                conn.watches[(absp, token)] = Watch.of(path, token, absp)
+            work = self.store.copy(track=True)
+            for path, value, perms in nodes:
+                ctx.events.extend(work.write(0, path, value))
+                ctx.events.extend(work.set_perms(0, path, perms))
+            self.store.apply(work)
+            touched = self._finish_locked(ctx)
+            for tid in state.transactions:
+                conn.transactions[tid] = Transaction(tid, self.store.copy(track=True),
+                                                     doomed=True)
+            self.connections.append(conn)
+        self._notify(touched)
+        return conn
+
     def _alloc_tx_id(self, conn: Connection) -> int:
         while True:
             tid = self._next_tx
@@ -485,6 +575,141 @@ class XenstoreServer:
         conn._reset_locked()
         if conn in self.connections:
             self.connections.remove(conn)
+
+
+# ----------------------------------------------------------------- migration document
+
+MIGRATION_VERSION = 1
+
+
+@dataclass
+class ConnectionState:
+    """A guest connection's state as migrated: ``watches`` as registered ``(path, token)``,
+    open transaction ids, ``output`` (packed messages queued for the guest but not yet in
+    its ring; may start mid-message) and ``input`` (a partial request, never a complete
+    one)."""
+    watches: list[tuple[str, bytes]] = field(default_factory=list)
+    transactions: list[int] = field(default_factory=list)
+    output: bytes = b""
+    input: bytes = b""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"watches": [[p, _b64(t)] for p, t in self.watches],
+                "transactions": list(self.transactions),
+                "output": _b64(self.output), "input": _b64(self.input)}
+
+    @classmethod
+    def from_json(cls, obj: object, domid: int) -> ConnectionState:
+        """Validated inverse of :meth:`to_json` for domain ``domid``; XenstoreError EINVAL
+        for anything malformed (watch paths are checked as ``domid`` would send them)."""
+        d = _obj(obj, "connection")
+        watches: list[tuple[str, bytes]] = []
+        keys: set[tuple[str, bytes]] = set()
+        paths = Store()
+        for w in _list(d.get("watches"), "watches"):
+            if not isinstance(w, list) or len(w) != 2 or not isinstance(w[0], str):
+                raise XenstoreError("EINVAL", "a watch is [path, token]")
+            path, token = w[0], _unb64(w[1], "watch token")
+            if b"\0" in token:
+                raise XenstoreError("EINVAL", "NUL in a watch token")
+            if not path.isascii() or len(path) + len(token) + 2 > XENSTORE_PAYLOAD_MAX:
+                raise XenstoreError("EINVAL", f"bad watch {path!r}")
+            key = (paths.canonical(domid, path, special_ok=True), token)
+            if key in keys:
+                raise XenstoreError("EINVAL", f"duplicate watch {path!r}")
+            keys.add(key)
+            watches.append((path, token))
+        txs = _list(d.get("transactions"), "transactions")
+        if (not all(type(t) is int and 0 < t <= 0xFFFFFFFF for t in txs)
+                or len(set(txs)) != len(txs)):
+            raise XenstoreError("EINVAL", "bad transaction ids")
+        output = _unb64(d.get("output"), "output")
+        inp = _unb64(d.get("input"), "input")
+        try:
+            if MessageParser().feed(inp):
+                raise XenstoreError("EINVAL", "input holds a complete request")
+        except ProtocolError:
+            raise XenstoreError("EINVAL", "input is not a request") from None
+        return cls(watches, list(txs), output, inp)
+
+
+@dataclass
+class DomainImport:
+    """A validated migration document (:func:`parse_migration_document`)."""
+    domid: int
+    nodes: list[tuple[str, bytes, tuple[str, ...]]]   # (path, value, perms) in order
+    connection: ConnectionState
+
+
+def migration_document(domid: int, nodes: list[dict[str, Any]],
+                       connection: ConnectionState) -> dict[str, Any]:
+    """The JSON document moving a domain between xenstoreds::
+
+        {"version": 1, "domid": N,
+         "nodes": [{"path": "/abs", "value": "<base64>", "perms": ["n0", "r5"]}, ...],
+         "connection": {"watches": [["path as registered", "<base64 token>"], ...],
+                        "transactions": [id, ...], "output": "<base64>",
+                        "input": "<base64>"}}
+
+    ``nodes`` as :meth:`XenstoreServer.export_nodes` returns them."""
+    return {"version": MIGRATION_VERSION, "domid": domid, "nodes": nodes,
+            "connection": connection.to_json()}
+
+
+def parse_migration_document(doc: object, domid: int) -> DomainImport:
+    """Validate a :func:`migration_document` meant for ``domid`` completely; XenstoreError
+    EINVAL for anything wrong (version, domid mismatch, types, base64, paths, permissions,
+    duplicate nodes, values over XENSTORE_PAYLOAD_MAX, a complete request as input)."""
+    d = _obj(doc, "document")
+    if d.get("version") != MIGRATION_VERSION or type(d.get("version")) is not int:
+        raise XenstoreError("EINVAL", f"unsupported version {d.get('version')!r}")
+    if type(d.get("domid")) is not int or d["domid"] != domid:
+        raise XenstoreError("EINVAL", f"document is for domain {d.get('domid')!r}")
+    paths = Store()
+    nodes: list[tuple[str, bytes, tuple[str, ...]]] = []
+    seen: set[str] = set()
+    for n in _list(d.get("nodes"), "nodes"):
+        n = _obj(n, "node")
+        path = n.get("path")
+        if (not isinstance(path, str) or not path.startswith("/")
+                or paths.canonical(0, path) != path or path in seen):
+            raise XenstoreError("EINVAL", f"bad node path {path!r}")
+        seen.add(path)
+        value = _unb64(n.get("value"), "value")
+        if len(value) > XENSTORE_PAYLOAD_MAX:
+            raise XenstoreError("EINVAL", f"value of {path} too long")
+        perms = _list(n.get("perms"), "perms")
+        if not perms or not all(isinstance(x, str) for x in perms):
+            raise XenstoreError("EINVAL", f"bad permissions of {path}")
+        for x in perms:
+            parse_perm(x)
+        nodes.append((path, value, tuple(perms)))
+    return DomainImport(domid, nodes, ConnectionState.from_json(d.get("connection"), domid))
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def _unb64(s: object, what: str) -> bytes:
+    if not isinstance(s, str):
+        raise XenstoreError("EINVAL", f"{what} is not a base64 string")
+    try:
+        return base64.b64decode(s.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise XenstoreError("EINVAL", f"{what} is not valid base64") from None
+
+
+def _obj(o: object, what: str) -> dict[str, Any]:
+    if not isinstance(o, dict):
+        raise XenstoreError("EINVAL", f"{what} is not an object")
+    return o
+
+
+def _list(o: object, what: str) -> list[Any]:
+    if not isinstance(o, list):
+        raise XenstoreError("EINVAL", f"{what} is not a list")
+    return o
 
 
 # ----------------------------------------------------------------- payload helpers
