@@ -154,6 +154,22 @@ class EngineVcpu(ABC):
     def tsc_khz(self) -> int:
         """The guest TSC frequency in kHz."""
 
+    def save_state(self) -> bytes:
+        """The vCPU's complete state as an engine-specific blob: registers, FPU/SSE, MSRs,
+        the local APIC and whether it is halted or waiting for SIPI -- everything needed to
+        continue it in another process (:meth:`load_state`). Call on the vCPU's thread, or
+        on any thread while that thread is parked outside :meth:`run` (domain paused).
+        Raises EngineError if the engine cannot save."""
+        from pyxen.errors import EngineError
+        raise EngineError(f"{type(self).__name__}: vCPU state cannot be saved")
+
+    def load_state(self, blob: bytes) -> None:
+        """Replace the vCPU's state with one :meth:`save_state` produced on an engine of the
+        same :attr:`Engine.state_format`, before the vCPU first runs or while it is parked.
+        Raises EngineError for a blob it cannot use (wrong format, size or values)."""
+        from pyxen.errors import EngineError
+        raise EngineError(f"{type(self).__name__}: vCPU state cannot be loaded")
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -174,7 +190,14 @@ class EngineVm(ABC):
 
     @abstractmethod
     def get_dirty_log(self, slot: int) -> bytes:
-        """Bitmap (bit n = page n of the slot) of pages the guest wrote since the last call."""
+        """Bitmap (bit n = page n of the slot) of pages the guest wrote since the last call
+        (fetch and clear). Only meaningful while dirty logging is on; engines that cannot
+        tell report every page."""
+
+    def set_dirty_logging(self, enabled: bool) -> None:
+        """Start (or stop) recording guest writes to every mapped slot for
+        :meth:`get_dirty_log` (live migration's pre-copy). Starting clears the log. Any
+        thread; costs guest speed while on. The default keeps no log (every page dirty)."""
 
     @abstractmethod
     def create_vcpu(self, index: int) -> EngineVcpu:
@@ -218,6 +241,9 @@ class Engine(ABC):
     """A way of executing guest code. ``name`` is what ``--accel`` selects."""
 
     name: str
+    #: Which vCPU state blobs this engine reads and writes (:meth:`EngineVcpu.save_state`):
+    #: a saved domain restores only on an engine with the same value.
+    state_format: str = ""
     #: How many distinct hypercall instruction addresses :meth:`EngineVm.set_hypercall_sites` takes.
     max_hypercall_sites: int = 4
     #: The I/O port a hypercall-page stub uses to leave the guest (``in $port, %eax``).

@@ -15,6 +15,10 @@ the engine loads its context, runs, and leaves it loaded until another vCPU need
 * Interrupts: a :class:`~pyxen.arch.x86.lapic.Lapic` per vCPU (MMIO at 0xFEE00000). The CPU asks
   for the vector at delivery time (``irq_ack``); INIT/SIPI start application processors.
 * Untrapped port I/O has no device behind it (reads all-ones, writes dropped), in C.
+* Live migration: a guest-write log in the patched TLB (:meth:`TcgVm.set_dirty_logging`,
+  :meth:`TcgVm.get_dirty_log`) and vCPU state blobs (:meth:`TcgVcpu.save_state`) that hold
+  the CPU context as QEMU lays it out, so they restore only on the same engine build
+  (:attr:`TcgEngine.state_format`).
 
 Threading: as :mod:`pyxen.engine.base`. ``inject_msi``/``kick``/``exclusive`` from any thread.
 """
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
+import struct
 import threading
 import time
 from collections import deque
@@ -66,6 +72,40 @@ def _tsc_khz() -> int:
 
 _TSC_KHZ: int | None = None
 
+# vCPU state blobs (TcgVcpu.save_state): magic, version, format/context/metadata lengths
+_STATE_MAGIC = b"PYXTCGV1"
+_STATE_VERSION = 1
+_STATE_HEADER = struct.Struct("<8sHHII")
+
+
+def _parse_meta(raw: bytes) -> dict:  # type: ignore[type-arg]
+    """The JSON metadata of a vCPU blob, type-checked. ValueError/TypeError if malformed."""
+    d = json.loads(raw.decode("utf-8"))
+    keys = {"lapic", "halted", "halt_if", "started", "init_pending", "sipi_vector", "fault",
+            "msrs"}
+    if not isinstance(d, dict) or set(d) != keys:
+        raise ValueError("metadata: unexpected keys")
+    for k in ("halted", "halt_if", "started", "init_pending"):
+        if not isinstance(d[k], bool):
+            raise ValueError(f"metadata: {k} must be a bool")
+    for k, top in (("sipi_vector", 0xFF), ("fault", 31)):
+        v = d[k]
+        if v is not None and (type(v) is not int or not 0 <= v <= top):
+            raise ValueError(f"metadata: bad {k}")
+    msrs = d["msrs"]
+    if not isinstance(msrs, list) or not all(
+            isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m)
+            and 0 <= m[0] <= 0xFFFFFFFF and 0 <= m[1] < 1 << 64 for m in msrs):
+        raise ValueError("metadata: bad msrs")
+    lapic = d["lapic"]
+    if not isinstance(lapic, dict) or not all(type(lapic.get(k)) is int
+                                              for k in ("apic_id", "bus_hz")):
+        raise ValueError("metadata: bad lapic")
+    start = lapic.get("timer_start_ns")
+    if start is not None and type(start) is not int:
+        raise ValueError("metadata: bad lapic timer start")
+    return d
+
 
 class TcgEngine(Engine):
     """Unicorn with pyxen's sysvm patches. Raises EngineUnavailable when it is not built."""
@@ -75,6 +115,10 @@ class TcgEngine(Engine):
 
     def __init__(self) -> None:
         self.lib = B.load()
+        from pyxen.tcg.build import build_id
+        #: vCPU blobs hold QEMU's CPUX86State layout: they restore only into the same
+        #: Unicorn version built from the same patch set ("tcg:unicorn-2.1.4-<hash>").
+        self.state_format = f"tcg:unicorn-{build_id()}"
         self._cpuid: list[CpuidEntry] | None = None
         _tsc_khz()                               # measure once, up front
 
@@ -158,6 +202,7 @@ class TcgVm(EngineVm):
         self._io_bitmap = (ctypes.c_uint8 * 8192)()
         lib.uc_sysvm_set_io_bitmap(h, self._io_bitmap)
         self._slots: dict[int, tuple[int, int, int]] = {}     # slot -> (gpa, size, host)
+        self._dirty_logging = False
         self._next_slot = 0
         self.vcpus: list[TcgVcpu] = []
         self.current: TcgVcpu | None = None        # whose context is in the CPU
@@ -253,11 +298,43 @@ class TcgVm(EngineVm):
         with self.exclusive():
             B.check(self.lib, self.lib.uc_mem_unmap(self.uc, gpa, size), "unmap")
 
+    def set_dirty_logging(self, enabled: bool) -> None:
+        """Start (clearing the log) or stop recording guest writes to guest RAM (any thread).
+
+        While on, every write the guest's code makes -- plain stores, atomics, string
+        instructions, page-table A/D updates by the page walker -- marks its page. Writes
+        made from the host (the VMM's own, through the memfd) are not recorded. The cost is
+        one slow-path store per page per fetch (see :meth:`get_dirty_log`)."""
+        with self.exclusive():
+            if self._closed:
+                raise EngineError("tcg: the VM was closed")
+            if enabled:
+                B.check(self.lib, self.lib.uc_sysvm_dirty_log_start(self.uc), "dirty log")
+            else:
+                self.lib.uc_sysvm_dirty_log_stop(self.uc)
+            self._dirty_logging = enabled
+
     def get_dirty_log(self, slot: int) -> bytes:
-        """TCG keeps no dirty log yet: every page is reported dirty (always correct)."""
-        _gpa, size, _host = self._slots[slot]
-        pages = size >> 12
-        return b"\xff" * ((pages + 7) // 8)
+        """Pages of ``slot`` the guest wrote since logging started or the last fetch, as a
+        bitmap (bit n = page n of the slot, LSB first); the slot's bits are cleared and the
+        next guest write to any of its pages is recorded again. Any thread: the running
+        vCPU is stopped for the fetch (the engine lock; ~0.2 ms, mostly the hand-over: the
+        fetch itself is a bitmap copy plus one TLB scan, ~1 us for a clean 256 MiB slot).
+        All ones while logging is off (correct without a log)."""
+        gpa, size, _host = self._slots[slot]
+        nbytes = ((size >> 12) + 7) // 8
+        if not self._dirty_logging:
+            return b"\xff" * nbytes
+        buf = (ctypes.c_uint8 * nbytes)()
+        with self.exclusive():
+            if self._closed:
+                raise EngineError("tcg: the VM was closed")
+            # all ones if logging stopped meanwhile
+            err = self.lib.uc_sysvm_dirty_log_fetch(self.uc, gpa, size, buf)
+        if err != B.UC_ERR_OK:
+            raise EngineError(f"tcg: dirty log of slot {slot} (0x{gpa:x}+0x{size:x}): "
+                              f"{self.lib.uc_strerror(err).decode()}")
+        return bytes(buf)
 
     def read_physical(self, gpa: int, n: int) -> bytes | None:
         """``n`` bytes of guest RAM at ``gpa`` (within one mapping), or None."""
@@ -512,14 +589,15 @@ class TcgVcpu(EngineVcpu):
         """Write back a changed register copy now (engine lock not held by the caller)."""
         if self._regs_dirty:
             with self._loaded():
-                self._write_back()
+                self._write_back(fault=False)
 
-    def _write_back(self) -> None:
-        """Loaded, lock held: apply the exit-time copy and a pending fault; drop the copy."""
+    def _write_back(self, fault: bool = True) -> None:
+        """Loaded, lock held: apply the exit-time copy (and, if ``fault``, a pending fault,
+        which is raised by the next ``uc_emu_start``: only just before a run); drop the copy."""
         lib = self.vm.lib
         if self._regs_dirty and self._exit_regs is not None:
             lib.uc_sysvm_set_regs(self.vm.uc, ctypes.byref(self._exit_regs))
-        if self._fault is not None:
+        if fault and self._fault is not None:
             lib.uc_sysvm_inject_exception(self.vm.uc, self._fault, 1, 0)
             self._fault = None
         self._regs_dirty = False
@@ -649,9 +727,12 @@ class TcgVcpu(EngineVcpu):
                 self._insn_len = ex_len
                 if e.is_write and ex.kind is ExitKind.IO:
                     # performed once the VMM has seen it: step over it at the next entry
+                    # (nothing left to complete)
                     regs.rip += ex_len
                     self._regs_dirty = True
-                self._pending = ex
+                    self._pending = None
+                else:
+                    self._pending = ex
                 return ex
             if kind in (B.EXIT_MSR_READ, B.EXIT_MSR_WRITE):
                 is_w = kind == B.EXIT_MSR_WRITE
@@ -769,6 +850,117 @@ class TcgVcpu(EngineVcpu):
                 return False
             return True
         self._complete(f)
+
+    # --- save / restore
+    def save_state(self) -> bytes:
+        """This vCPU's state as a blob for :meth:`load_state` (any thread; the vCPU's own
+        thread must be outside :meth:`run`, its last exit completed).
+
+        Layout (little-endian): magic ``PYXTCGV1``, u16 version, u16 format length, u32
+        context length, u32 metadata length, then the engine's :attr:`TcgEngine.state_format`
+        (ASCII), the CPU context (QEMU's CPUX86State prefix as ``uc_context_save`` keeps it:
+        registers, segments, control/debug registers, FPU/SSE, the MSRs QEMU models, with
+        this process's pointers zeroed) and JSON metadata: the LAPIC (armed timer start
+        relative to the save, in ns), halted/halt_if/started/init_pending/sipi_vector, the
+        VMM-level MSRs and an exception still to be raised at the next entry. The exit-time
+        register copy is folded into the context first. Raises EngineError if an exit is
+        still pending or the VM is closed."""
+        vm = self.vm
+        lib = vm.lib
+        size = lib.uc_sysvm_context_data_size(vm.uc)
+        data = (ctypes.c_uint8 * size)()
+        with vm.exclusive():
+            if vm._closed:
+                raise EngineError(f"tcg: vcpu{self.index}: the VM was closed")
+            if self._pending is not None:
+                raise EngineError(f"tcg: vcpu{self.index}: cannot save with a "
+                                  f"{self._pending.kind.value} exit not completed")
+            if self._regs_dirty:
+                self._load()
+                self._write_back(fault=False)      # a pending fault is kept in the metadata
+            if vm.current is self:
+                lib.uc_context_save(vm.uc, self.ctx)
+            err = lib.uc_sysvm_context_export(vm.uc, self.ctx, data, size)
+            if err != B.UC_ERR_OK:
+                raise EngineError(f"tcg: vcpu{self.index}: exporting the CPU context: "
+                                  f"{lib.uc_strerror(err).decode()}")
+            with vm.apic_lock:
+                now = time.monotonic_ns()
+                lapic = self.lapic.to_dict()
+                if lapic["timer_start_ns"] is not None:
+                    lapic["timer_start_ns"] -= now     # relative: rebased at load
+                meta = {
+                    "lapic": lapic, "halted": self.halted, "halt_if": self.halt_if,
+                    "started": self.started, "init_pending": self.init_pending,
+                    "sipi_vector": self.sipi_vector, "fault": self._fault,
+                    "msrs": sorted([k, v] for k, v in self._msrs.items()),
+                }
+        fmt = vm.engine.state_format.encode()
+        meta_b = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        return (_STATE_HEADER.pack(_STATE_MAGIC, _STATE_VERSION, len(fmt), size, len(meta_b))
+                + fmt + bytes(data) + meta_b)
+
+    def load_state(self, blob: bytes) -> None:
+        """Replace this vCPU's state with a :meth:`save_state` blob (any thread; before the
+        vCPU first runs or while its thread is outside :meth:`run`). The LAPIC timer keeps
+        its remaining count: its start is rebased on this host's CLOCK_MONOTONIC. Raises
+        EngineError, leaving the vCPU unchanged, for a blob of another format or engine
+        build, a truncated or corrupted one, or one for another APIC ID."""
+        vm = self.vm
+        lib = vm.lib
+        blob = bytes(blob)
+        what = f"tcg: vcpu{self.index}: cannot load the saved state"
+        hlen = _STATE_HEADER.size
+        if len(blob) < hlen:
+            raise EngineError(f"{what}: {len(blob)} bytes is too short")
+        magic, version, flen, clen, mlen = _STATE_HEADER.unpack_from(blob)
+        if magic != _STATE_MAGIC:
+            raise EngineError(f"{what}: not a tcg vCPU state (magic {magic!r})")
+        if version != _STATE_VERSION:
+            raise EngineError(f"{what}: version {version}, this engine reads {_STATE_VERSION}")
+        if len(blob) != hlen + flen + clen + mlen:
+            raise EngineError(f"{what}: {len(blob)} bytes, the header says "
+                              f"{hlen + flen + clen + mlen}")
+        fmt = blob[hlen:hlen + flen].decode("ascii", "replace")
+        if fmt != vm.engine.state_format:
+            raise EngineError(f"{what}: saved by engine {fmt!r}, this is "
+                              f"{vm.engine.state_format!r}")
+        size = lib.uc_sysvm_context_data_size(vm.uc)
+        if clen != size:
+            raise EngineError(f"{what}: CPU context of {clen} bytes, expected {size}")
+        ctx_data = blob[hlen + flen:hlen + flen + clen]
+        try:
+            st = _parse_meta(blob[hlen + flen + clen:])
+            st["lapic"]["timer_start_ns"] = (None if st["lapic"]["timer_start_ns"] is None
+                                             else st["lapic"]["timer_start_ns"]
+                                             + time.monotonic_ns())
+            lapic = L.Lapic.from_dict(st["lapic"])
+        except (ValueError, TypeError, KeyError, RecursionError) as e:
+            raise EngineError(f"{what}: {e}") from None
+        if lapic.apic_id != self.apic_id:
+            raise EngineError(f"{what}: it is APIC ID {lapic.apic_id}'s, this vCPU is "
+                              f"{self.apic_id}")
+        buf = (ctypes.c_uint8 * size).from_buffer_copy(ctx_data)
+        with vm.exclusive():
+            if vm._closed:
+                raise EngineError(f"tcg: vcpu{self.index}: the VM was closed")
+            err = lib.uc_sysvm_context_import(vm.uc, self.ctx, buf, size)
+            if err != B.UC_ERR_OK:
+                raise EngineError(f"{what}: the CPU context is invalid")
+            if vm.current is self:
+                vm.current = None             # the CPU holds the old state: reload at next use
+            self._pending = None
+            self._insn_len = 0
+            self._exit_regs = self._exit_sregs = None
+            self._regs_dirty = False
+            self._fault = st["fault"]
+            with vm.apic_lock:
+                self.lapic = lapic
+                self.halted, self.halt_if = st["halted"], st["halt_if"]
+                self.started, self.init_pending = st["started"], st["init_pending"]
+                self.sipi_vector = st["sipi_vector"]
+                self._msrs = dict(st["msrs"])
+                self.cv.notify_all()
 
     # --- INIT/SIPI
     def _reset_cpu(self) -> None:

@@ -79,6 +79,9 @@ def load() -> ctypes.CDLL:
         raise EngineUnavailable(f"{path}: cannot load: {e}") from e
     if not hasattr(lib, "uc_sysvm_enable"):
         raise EngineUnavailable(f"{path}: not pyxen's patched Unicorn (no sysvm extension)")
+    if not hasattr(lib, "uc_sysvm_dirty_log_fetch"):
+        raise EngineUnavailable(f"{path}: built from an older pyxen patch set: run "
+                                "`python -m pyxen.tcg.build`")
     P = POINTER
     _proto(lib, "uc_open", c_int, c_int, c_int, P(c_void_p))
     _proto(lib, "uc_close", c_int, c_void_p)
@@ -110,6 +113,14 @@ def load() -> ctypes.CDLL:
     _proto(lib, "uc_sysvm_get_sregs", None, c_void_p, c_void_p)
     _proto(lib, "uc_sysvm_set_sregs", None, c_void_p, c_void_p)
     _proto(lib, "uc_sysvm_native_cpuid", None, c_void_p, c_uint32, c_uint32, P(c_uint32))
+    # guest-write log (CPU stopped: the caller holds the engine)
+    _proto(lib, "uc_sysvm_dirty_log_start", c_int, c_void_p)
+    _proto(lib, "uc_sysvm_dirty_log_stop", None, c_void_p)
+    _proto(lib, "uc_sysvm_dirty_log_fetch", c_int, c_void_p, c_uint64, c_uint64, c_void_p)
+    # a uc_context's CPU state as bytes (vCPU save/restore)
+    _proto(lib, "uc_sysvm_context_data_size", c_size_t, c_void_p)
+    _proto(lib, "uc_sysvm_context_export", c_int, c_void_p, c_void_p, c_void_p, c_size_t)
+    _proto(lib, "uc_sysvm_context_import", c_int, c_void_p, c_void_p, c_void_p, c_size_t)
     _lib = lib
     return lib
 
