@@ -37,6 +37,19 @@ class Kvm:
     def create_vm(self) -> KvmVm:
         return KvmVm(self, b.ioctl(self.fd, b.KVM_CREATE_VM, 0))
 
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and emulates (not all readable on
+        every vCPU: some depend on its CPUID)."""
+        probe = b.msr_list(0)
+        try:
+            b.ioctl(self.fd, b.KVM_GET_MSR_INDEX_LIST, probe)
+        except b.KvmIoctlError as e:
+            if e.errno != 7:                        # E2BIG: probe.nmsrs now says how many
+                raise
+        lst = b.msr_list(probe.nmsrs)
+        b.ioctl(self.fd, b.KVM_GET_MSR_INDEX_LIST, lst)
+        return [lst.indices[i] for i in range(lst.nmsrs)]
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -138,6 +151,75 @@ class KvmVcpu:
         if b.ioctl(self.fd, b.KVM_SET_MSRS, m) != 1:
             raise OSError(f"KVM_SET_MSRS: MSR 0x{index:x} not writable")
 
+    def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """KVM_GET_MSRS: ``(index, value)`` for the leading run of ``indices`` KVM could read
+        (KVM stops at the first MSR it rejects; the caller skips it and asks again)."""
+        m = b.msrs(len(indices))
+        for i, index in enumerate(indices):
+            m.entries[i].index = index
+        n = b.ioctl(self.fd, b.KVM_GET_MSRS, m) if indices else 0
+        return [(m.entries[i].index, m.entries[i].data) for i in range(n)]
+
+    def set_msrs(self, values: list[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS: returns how many leading entries KVM accepted."""
+        m = b.msrs(len(values))
+        for i, (index, value) in enumerate(values):
+            m.entries[i].index = index
+            m.entries[i].data = value
+        return b.ioctl(self.fd, b.KVM_SET_MSRS, m) if values else 0
+
+    def get_fpu(self) -> b.Fpu:
+        f = b.Fpu()
+        b.ioctl(self.fd, b.KVM_GET_FPU, f)
+        return f
+
+    def set_fpu(self, fpu: b.Fpu) -> None:
+        b.ioctl(self.fd, b.KVM_SET_FPU, fpu)
+
+    def get_xsave(self, size: int = b.XSAVE_SIZE) -> bytes:
+        """The guest's XSAVE area (KVM_GET_XSAVE2 when ``size`` exceeds 4 KiB)."""
+        buf = ctypes.create_string_buffer(max(size, b.XSAVE_SIZE))
+        req = b.KVM_GET_XSAVE2 if size > b.XSAVE_SIZE else b.KVM_GET_XSAVE
+        b.ioctl(self.fd, req, ctypes.addressof(buf))
+        return buf.raw
+
+    def set_xsave(self, area: bytes) -> None:
+        """KVM_SET_XSAVE (KVM reads as many bytes as its XSAVE2 size; ``area`` must have them)."""
+        buf = ctypes.create_string_buffer(bytes(area), max(len(area), b.XSAVE_SIZE))
+        b.ioctl(self.fd, b.KVM_SET_XSAVE, ctypes.addressof(buf))
+
+    def get_xcrs(self) -> b.Xcrs:
+        x = b.Xcrs()
+        b.ioctl(self.fd, b.KVM_GET_XCRS, x)
+        return x
+
+    def set_xcrs(self, xcrs: b.Xcrs) -> None:
+        b.ioctl(self.fd, b.KVM_SET_XCRS, xcrs)
+
+    def get_lapic(self) -> b.LapicState:
+        s = b.LapicState()
+        b.ioctl(self.fd, b.KVM_GET_LAPIC, s)
+        return s
+
+    def set_lapic(self, state: b.LapicState) -> None:
+        b.ioctl(self.fd, b.KVM_SET_LAPIC, state)
+
+    def get_vcpu_events(self) -> b.VcpuEvents:
+        e = b.VcpuEvents()
+        b.ioctl(self.fd, b.KVM_GET_VCPU_EVENTS, e)
+        return e
+
+    def set_vcpu_events(self, events: b.VcpuEvents) -> None:
+        b.ioctl(self.fd, b.KVM_SET_VCPU_EVENTS, events)
+
+    def get_debugregs(self) -> b.DebugRegs:
+        d = b.DebugRegs()
+        b.ioctl(self.fd, b.KVM_GET_DEBUGREGS, d)
+        return d
+
+    def set_debugregs(self, dregs: b.DebugRegs) -> None:
+        b.ioctl(self.fd, b.KVM_SET_DEBUGREGS, dregs)
+
     def set_cpuid2(self, entries: list[b.CpuidEntry2]) -> None:
         c = b.cpuid2(len(entries))
         for i, e in enumerate(entries):
@@ -150,11 +232,19 @@ class KvmVcpu:
             g.debugreg[i] = v
         b.ioctl(self.fd, b.KVM_SET_GUEST_DEBUG, g)
 
+    def get_mp_state(self) -> int:
+        s = ctypes.c_uint32()
+        b.ioctl(self.fd, b.KVM_GET_MP_STATE, s)
+        return s.value
+
     def set_mp_state(self, state: int) -> None:
         b.ioctl(self.fd, b.KVM_SET_MP_STATE, ctypes.c_uint32(state))
 
     def get_tsc_khz(self) -> int:
         return b.ioctl(self.fd, b.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        b.ioctl(self.fd, b.KVM_SET_TSC_KHZ, khz)
 
     # --- running
     def run(self) -> int:
@@ -166,6 +256,27 @@ class KvmVcpu:
                 self.run_map[b.RUN_IMMEDIATE_EXIT] = 0
                 return b.KVM_EXIT_INTR
             raise
+        return struct.unpack_from("<I", self.run_map, b.RUN_EXIT_REASON)[0]
+
+    def finish_pending_exit(self) -> int | None:
+        """Let KVM finish the instruction behind the last I/O, MMIO or MSR exit (it does so at
+        the start of the next KVM_RUN, from the data in the run page) without running the
+        guest further: KVM_RUN with ``immediate_exit`` set. Until then the architectural
+        state KVM reports is not final (Documentation/virt/kvm/api.rst, KVM_RUN).
+
+        Returns None when done, or the exit reason when completing the instruction needed
+        another exit (a multi-part access); that exit is then in the run page, unhandled.
+        Call only while no thread is in :meth:`run`."""
+        prev = self.run_map[b.RUN_IMMEDIATE_EXIT]
+        self.run_map[b.RUN_IMMEDIATE_EXIT] = 1
+        try:
+            b.ioctl(self.fd, b.KVM_RUN)
+        except b.KvmIoctlError as e:
+            if e.errno not in (4, 11):  # EINTR, EAGAIN: finished, nothing executed
+                raise
+            return None
+        finally:
+            self.run_map[b.RUN_IMMEDIATE_EXIT] = prev
         return struct.unpack_from("<I", self.run_map, b.RUN_EXIT_REASON)[0]
 
     def request_immediate_exit(self) -> None:
