@@ -132,3 +132,19 @@ def test_seconds_until():
     assert clock.seconds_until(now - 1_000_000) == 0.0
     s = clock.seconds_until(now + 1_000_000_000)
     assert 0.9 < s <= 1.0
+
+
+def test_clock_save_load_keeps_system_time():
+    from pyxen.core.clock import DomainClock, rdtsc
+    c = DomainClock()
+    c.anchor(rdtsc(), 2_000_000, system_time=5_000_000_000)
+    st = c.save()
+    d = DomainClock()
+    d.load(st, guest_tsc=rdtsc())              # same host TSC: offset 0 again
+    assert d.params == c.params and d.wallclock_ns == c.wallclock_ns
+    assert abs(d.now_ns() - c.now_ns()) < 50_000_000
+    import pytest
+    with pytest.raises(ValueError):
+        DomainClock().load({**st, "tsc_khz": 0})
+    with pytest.raises(ValueError):
+        DomainClock().load({"params": [1]})

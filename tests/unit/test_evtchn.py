@@ -460,3 +460,48 @@ class EvtchnMachine(RuleBasedStateMachine):
 TestEvtchnStateMachine = EvtchnMachine.TestCase
 TestEvtchnStateMachine.settings = settings(max_examples=150, stateful_step_count=50,
                                            deadline=None)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def test_save_load_round_trip(xd):
+    ev = EventChannels(xd)
+    a, b = loopback(ev)
+    virq = ev.bind_virq(VIRQ_TIMER, 1)
+    ipi = ev.bind_ipi(1)
+    backend = ev.alloc_unbound(SELF, 0)
+    ev.bind_backend(backend, lambda port: None)
+    st = ev.save()
+    fresh = EventChannels(StubXenDomain())
+    fresh.load(st)
+    assert fresh.save() == st
+    for p in (a, b, virq, ipi):
+        assert fresh.status(SELF, p) == ev.status(SELF, p)
+    # a backend's port is saved unbound for domain 0: the backend re-attaches after restore
+    assert fresh.status(SELF, backend)[0] == UNBOUND
+    fresh.bind_backend(backend, lambda port: None)
+    assert fresh.virqs == {(1, VIRQ_TIMER): virq}
+
+
+@pytest.mark.parametrize("mutate, why", [
+    (lambda st: st["ports"].__setitem__(1, {"state": 9, "notify_vcpu": 0, "remote_dom": 0,
+                                            "remote_port": 0, "virq": 0}), "bad state"),
+    (lambda st: st["ports"][1].update(notify_vcpu=5), "bad state"),
+    (lambda st: st["ports"][1].update(remote_port=4000), "bad state"),
+    (lambda st: st["ports"][0].update(state=UNBOUND), "bad state"),
+    (lambda st: st["ports"].__setitem__(1, "x"), "event channel 1"),
+    (lambda st: st.update(ports=[]), "'ports'"),
+    (lambda st: st.update(virqs=[[0, 0, 1]]), "not a VIRQ port"),
+    (lambda st: st["ports"][2].update(state=INTERDOMAIN, remote_dom=DOMID, remote_port=3),
+     "interdomain peer"),
+])
+def test_load_rejects_bad_state_and_changes_nothing(xd, mutate, why):
+    ev = EventChannels(xd)
+    loopback(ev)
+    st = ev.save()
+    mutate(st)
+    fresh = EventChannels(StubXenDomain())
+    before = fresh.save()
+    with pytest.raises(ValueError, match=why):
+        fresh.load(st)
+    assert fresh.save() == before

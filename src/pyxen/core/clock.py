@@ -96,3 +96,28 @@ class DomainClock:
 
     def seconds_until(self, deadline_ns: int) -> float:
         return max(0.0, (deadline_ns - self.now_ns()) / 1e9)
+
+    def save(self) -> dict:
+        return {"tsc_offset": self.tsc_offset, "tsc_khz": self.tsc_khz,
+                "params": [self.params.tsc_timestamp, self.params.system_time,
+                           self.params.mul, self.params.shift],
+                "wallclock_ns": self.wallclock_ns}
+
+    def load(self, st: dict, guest_tsc: int | None = None) -> None:
+        """Continue :meth:`save`'s clock: the same pvclock parameters (the guest holds
+        copies of them), so Xen system time goes on from the guest TSC. ``guest_tsc`` (read
+        just now, after the vCPUs' state was loaded) re-derives the guest-host TSC offset,
+        which differs in a new VM on engines that restore the TSC value itself."""
+        try:
+            ts, st_ns, mul, shift = (int(x) for x in st["params"])
+            khz, wc = int(st["tsc_khz"]), int(st["wallclock_ns"])
+            offset = int(st["tsc_offset"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"clock: bad state {st!r}") from None
+        if khz <= 0 or not 0 < mul < 1 << 32 or not -32 < shift < 32:
+            raise ValueError(f"clock: bad scale (tsc_khz {khz}, mul {mul}, shift {shift})")
+        self.tsc_khz = khz
+        self.params = PvclockParams(ts, st_ns, mul, shift)
+        self.wallclock_ns = wc
+        self.tsc_offset = offset if guest_tsc is None else \
+            (guest_tsc - rdtsc()) & 0xFFFFFFFFFFFFFFFF

@@ -178,6 +178,8 @@ class Domain:
         self.created_ns = time.monotonic_ns()
         self.first_entry_ns: int | None = None
         self.on_state_change: list[Callable[[RunState], None]] = []
+        #: indices of vCPUs whose thread waits in :meth:`wait_runnable` (under ``cv``)
+        self.parked: set[int] = set()
 
     # --- vCPUs
     def add_vcpu(self, index: int) -> Vcpu:
@@ -186,17 +188,35 @@ class Domain:
         return v
 
     def wait_runnable(self, vcpu: Vcpu) -> bool:
-        """Block the vCPU thread until it may run; False when the domain is gone."""
+        """Block the vCPU thread until it may run; False when the domain is gone. While it
+        waits here the vCPU is *parked* (see :meth:`quiesce`)."""
         with self.cv:
-            while True:
-                st = self.runstate.state
-                if st == "dying":
-                    return False
-                if st == "running" and (vcpu.online or vcpu.sipi_wait):
-                    if self.first_entry_ns is None:
-                        self.first_entry_ns = time.monotonic_ns()
-                    return True
-                self.cv.wait()
+            try:
+                while True:
+                    st = self.runstate.state
+                    if st == "dying":
+                        return False
+                    if st == "running" and (vcpu.online or vcpu.sipi_wait):
+                        if self.first_entry_ns is None:
+                            self.first_entry_ns = time.monotonic_ns()
+                        return True
+                    if vcpu.index not in self.parked:
+                        self.parked.add(vcpu.index)
+                        self.cv.notify_all()
+                    self.cv.wait()
+            finally:
+                self.parked.discard(vcpu.index)
+
+    def quiesce(self, timeout: float = 5.0) -> bool:
+        """Pause the domain and wait until every vCPU thread is parked outside the engine,
+        its last exit completed (a vCPU inside a blocking hypercall returns from it first).
+        Then vCPU state may be read from any thread (save, migration). Returns False if a
+        vCPU did not park within ``timeout`` seconds (the domain stays paused). Any thread
+        but a vCPU's own."""
+        self.pause()
+        return self.wait_until(lambda: self.runstate.state != "running" and all(
+            v.thread is None or not v.thread.is_alive() or v.index in self.parked
+            for v in self.vcpus), timeout)
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
         """Wait on the domain's condition (notified on every event/state change)."""

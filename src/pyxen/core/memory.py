@@ -26,6 +26,22 @@ from pyxen.engine.base import EngineVm
 PAGE = 4096
 
 
+_ZERO_CHUNK = bytes(4096)
+
+
+def _next_nonzero(buf: bytes, pos: int) -> int:
+    """Index of the first non-zero byte of ``buf`` at or after ``pos``, or -1."""
+    n = len(buf)
+    while pos < n:
+        end = min(n, pos + 4096)
+        if buf[pos:end] != _ZERO_CHUNK[:end - pos]:
+            while buf[pos] == 0:
+                pos += 1
+            return pos
+        pos = end
+    return -1
+
+
 class GuestMemoryError(Exception):
     """A guest-physical access hit no memory (or straddled a region boundary)."""
 
@@ -64,7 +80,9 @@ class GuestMemory:
         self._fd_size = 0
         self.regions: list[Region] = []          # guest-visible, sorted by gpa
         self._lock = threading.Lock()
+        self._dirty_lock = threading.Lock()
         self.vmm_dirty: set[int] = set()
+        self.dirty_logging = False
 
     # --- construction
     def _alloc(self, size: int) -> tuple[int, mmap.mmap]:
@@ -157,8 +175,46 @@ class GuestMemory:
         self._mark(gpa, size)
 
     def _mark(self, gpa: int, size: int) -> None:
-        for pfn in range(gpa >> 12, (gpa + size - 1 >> 12) + 1):
-            self.vmm_dirty.add(pfn)
+        with self._dirty_lock:
+            self.vmm_dirty.update(range(gpa >> 12, (gpa + size - 1 >> 12) + 1))
+
+    # --- live migration
+    def guest_frames(self) -> list[tuple[int, int]]:
+        """(first pfn, count) of every guest-visible region that migration copies as page
+        data (RAM, ACPI, special pages; hypervisor pages travel on their own)."""
+        with self._lock:
+            return [(r.gpa >> 12, r.size >> 12) for r in self.regions if r.kind != "xenpage"]
+
+    def set_dirty_logging(self, enabled: bool) -> None:
+        """Start/stop the engine's dirty log on every region; starting also forgets the
+        VMM's own record (:attr:`vmm_dirty`), so :meth:`fetch_dirty` reports writes from now."""
+        self.vm.set_dirty_logging(enabled)
+        with self._dirty_lock:
+            self.vmm_dirty.clear()
+        self.dirty_logging = enabled
+
+    def fetch_dirty(self) -> set[int]:
+        """Frames written since the last call (or since logging started), by the guest
+        (the engine's log) or by the VMM (:attr:`vmm_dirty`); both logs are cleared."""
+        with self._dirty_lock:
+            out, self.vmm_dirty = self.vmm_dirty, set()
+        with self._lock:
+            regions = [r for r in self.regions if r.kind != "xenpage" and r.slot is not None]
+        for r in regions:
+            bitmap = self.vm.get_dirty_log(r.slot)  # type: ignore[arg-type]
+            base = r.gpa >> 12
+            npages = r.size >> 12
+            pos = 0
+            while True:
+                pos = _next_nonzero(bitmap, pos)
+                if pos < 0:
+                    break
+                b = bitmap[pos]
+                for bit in range(8):
+                    if b >> bit & 1 and pos * 8 + bit < npages:
+                        out.add(base + pos * 8 + bit)
+                pos += 1
+        return out
 
     def read_u32(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 4), "little")

@@ -64,6 +64,10 @@ class ConsoleSink:
             self.stream(channel, data)
 
 
+def _opt_int(v: object) -> int | None:
+    return None if v is None else int(v)  # type: ignore[call-overload]
+
+
 class XenDomain:
     """Xen hypervisor state for one :class:`Domain` and its exit handlers."""
 
@@ -271,6 +275,65 @@ class XenDomain:
 
     def _timer_fired(self, vcpu: int) -> None:
         self.evtchn.send_virq(vcpu, X.VIRQ_TIMER)
+
+    # ------------------------------------------------------------------ save/restore
+    def save_state(self) -> dict:
+        """Everything Xen keeps for this domain outside guest RAM, JSON-compatible, except
+        the hypervisor pages' contents (:meth:`hypervisor_pages`). The domain is quiesced."""
+        return {
+            "uuid": str(self.uuid), "params": {str(k): v for k, v in self.params.items()},
+            "shutdown_code": self.shutdown_code, "max_pages": self.max_pages,
+            "tot_pages": self.tot_pages, "ballooned": sorted(self.ballooned),
+            "e820": [list(e) for e in getattr(self, "e820", [])],
+            "vcpus": [{"vcpu_info_gpa": st.vcpu_info_gpa, "upcall_vector": st.upcall_vector,
+                       "runstate_gva": st.runstate_gva, "time_area_gva": st.time_area_gva,
+                       "hvm_context": st.hvm_context.hex() if st.hvm_context else None}
+                      for st in self.vcpu_state],
+            "shared_info_gfn": self.shared_info.gfn,
+            "evtchn": self.evtchn.save(), "gnttab": self.gnttab.save(),
+            "timers": self.timers.save(), "clock": self.clock.save(),
+        }
+
+    def hypervisor_pages(self) -> list[tuple[int, int, bytes]]:
+        """(kind, index, contents) of every hypervisor page: kind 1 shared_info, 2 grant frame."""
+        out = [(1, 0, self.shared_info.contents())]
+        out += [(2, i, f.contents()) for i, f in enumerate(self.gnttab.frames)]
+        return out
+
+    def load_state(self, st: dict, pages: dict[tuple[int, int], bytes]) -> None:
+        """Apply :meth:`save_state`'s output and the hypervisor pages to this fresh domain
+        (built with the same config, not yet run). Raises ValueError naming the bad part.
+        Timers are re-armed last; the clock is loaded by the caller (it needs the vCPUs)."""
+        try:
+            self.uuid = uuid.UUID(st["uuid"])
+            params = {int(k): int(v) for k, v in st["params"].items()}
+            vcpus = st["vcpus"]
+            if len(vcpus) != len(self.vcpu_state):
+                raise ValueError(f"{len(vcpus)} vCPUs saved, {len(self.vcpu_state)} configured")
+            states = []
+            for v in vcpus:
+                states.append(VcpuXenState(
+                    _opt_int(v["vcpu_info_gpa"]), int(v["upcall_vector"]) & 0xFF,
+                    _opt_int(v["runstate_gva"]), _opt_int(v["time_area_gva"]),
+                    bytes.fromhex(v["hvm_context"]) if v["hvm_context"] else None))
+            max_pages, tot_pages = int(st["max_pages"]), int(st["tot_pages"])
+            ballooned = {int(x) for x in st["ballooned"]}
+            e820 = [(int(a), int(b), int(c)) for a, b, c in st["e820"]]
+            si_gfn = _opt_int(st["shared_info_gfn"])
+            code = _opt_int(st["shutdown_code"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"Xen state: {e}") from None
+        self.evtchn.load(st.get("evtchn", {}))
+        self.gnttab.load(st.get("gnttab", {}),
+                         {i: data for (kind, i), data in pages.items() if kind == 2})
+        if (1, 0) in pages:
+            self.shared_info.write(0, pages[(1, 0)])
+        if si_gfn is not None:
+            self.shared_info.place(si_gfn)
+        self.params, self.vcpu_state = params, states
+        self.max_pages, self.tot_pages, self.ballooned = max_pages, tot_pages, ballooned
+        self.e820, self.shutdown_code = e820, code
+        self.timers.load(st.get("timers", {}), len(self.vcpu_state))
 
     def close(self) -> None:
         self.timers.close()

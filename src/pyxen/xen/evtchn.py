@@ -248,6 +248,58 @@ class EventChannels:
     def is_pending(self, port: int) -> bool:
         return atomics.test_bit(self.xd.shared_info.addr + X.SI_EVTCHN_PENDING, port)
 
+    # --- save/restore
+    def save(self) -> dict:
+        """The table as JSON-compatible data. A port served by an in-VMM backend is saved
+        as unbound for domain 0: backends are not state, they re-attach after a restore."""
+        with self._locked():
+            ports = []
+            for ch in self.ports:
+                d = ch.to_dict()
+                if ch.backend is not None:
+                    d.update(state=UNBOUND, remote_dom=BACKEND_DOMID, remote_port=0)
+                ports.append(d)
+            return {"ports": ports,
+                    "virqs": [[v, virq, p] for (v, virq), p in sorted(self.virqs.items())]}
+
+    def load(self, st: dict) -> None:
+        """Replace the table with :meth:`save`'s output (a fresh domain, before it runs).
+        Raises ValueError naming the bad entry; the table is unchanged then."""
+        nvcpus = len(self.xd.domain.vcpus)
+        raw = st.get("ports")
+        if not isinstance(raw, list) or not 1 <= len(raw) <= X.EVTCHN_2L_NR_CHANNELS:
+            raise ValueError("event channels: 'ports' must be a list of 1.."
+                             f"{X.EVTCHN_2L_NR_CHANNELS} entries")
+        ports: list[Port] = []
+        for i, d in enumerate(raw):
+            try:
+                ch = Port(int(d["state"]), int(d["notify_vcpu"]), int(d["remote_dom"]),
+                          int(d["remote_port"]), int(d["virq"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"event channel {i}: {e!r}") from None
+            if (not FREE <= ch.state <= IPI or ch.state == PIRQ or not 0 <= ch.notify_vcpu < nvcpus
+                    or not 0 <= ch.virq < X.NR_VIRQS
+                    or not 0 <= ch.remote_dom < X.DOMID_FIRST_RESERVED
+                    or not 0 <= ch.remote_port < len(raw) or (i == 0 and ch.state != FREE)):
+                raise ValueError(f"event channel {i}: bad state {d}")
+            ports.append(ch)
+        for i, ch in enumerate(ports):
+            if ch.state == INTERDOMAIN and (ch.remote_dom != self.domid
+                                             or ports[ch.remote_port].state != INTERDOMAIN):
+                raise ValueError(f"event channel {i}: interdomain peer is not a local port")
+        virqs: dict[tuple[int, int], int] = {}
+        for e in st.get("virqs", []):
+            try:
+                v, virq, p = (int(x) for x in e)
+            except (TypeError, ValueError):
+                raise ValueError(f"event channels: bad virq entry {e!r}") from None
+            if not 0 < p < len(ports) or ports[p].state != VIRQ or ports[p].virq != virq:
+                raise ValueError(f"event channels: virq {virq} names port {p}, not a VIRQ port")
+            virqs[(v, virq)] = p
+        with self._locked():
+            self.ports = ports
+            self.virqs = virqs
+
     # --- in-VMM backends ("domain 0" ends)
     def bind_backend(self, port: int, callback: Callable[[int], None]) -> int:
         """Connect an in-VMM backend to guest port ``port`` (unbound for domain 0).

@@ -65,6 +65,29 @@ class GrantTable:
         self.grow(idx + 1)
         self.frames[idx].place(gfn)
 
+    def save(self) -> dict:
+        """Frames and where the guest placed them; their contents travel separately
+        (:attr:`frames`' ``addr``)."""
+        return {"version": self.version, "frames": [f.gfn for f in self.frames]}
+
+    def load(self, st: dict, contents: dict[int, bytes]) -> None:
+        """Recreate the frames of :meth:`save` with ``contents`` (frame index -> 4096 bytes)
+        and place them (a fresh domain, before it runs). Raises ValueError."""
+        frames = st.get("frames")
+        if not isinstance(frames, list) or not 1 <= len(frames) <= self.max_frames:
+            raise ValueError(f"grant table: 'frames' must list 1..{self.max_frames} frames")
+        if st.get("version", 1) != 1:
+            raise ValueError(f"grant table: version {st.get('version')!r} (v1 only)")
+        self.grow(len(frames))
+        for i, gfn in enumerate(frames):
+            page = self.frames[i]
+            if i in contents:
+                page.write(0, contents[i])
+            if gfn is not None:
+                if not isinstance(gfn, int) or gfn < 0:
+                    raise ValueError(f"grant table: frame {i} at bad gfn {gfn!r}")
+                page.place(gfn)
+
     def set_version(self, version: int) -> int:
         if version == 0:
             return self.version

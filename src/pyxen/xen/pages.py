@@ -49,6 +49,10 @@ class XenPage:
             mem.map_page(self.private, gfn << 12)
         self.gfn = gfn
 
+    def contents(self) -> bytes:
+        """The page's 4096 bytes, wherever they live now."""
+        return ctypes.string_at(self.addr, PAGE)
+
     def read(self, off: int, size: int) -> bytes:
         return ctypes.string_at(self.addr + off, size)
 
