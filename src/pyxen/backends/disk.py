@@ -109,10 +109,13 @@ class DiskImage:
             raise OSError(e, f"{self.path}: punch hole: {os.strerror(e)}")
 
     def close(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        """Close the image (idempotent: the descriptor number is never closed twice)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class QemuExport:

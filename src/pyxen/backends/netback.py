@@ -169,11 +169,28 @@ class NetBackend(XenbusBackend):
         super().stop()
         if not keep_tap:
             self.tap.close()
-        for fd in (self._kick_r, self._kick_w):
+        fds, self._kick_r, self._kick_w = (self._kick_r, self._kick_w), -1, -1
+        for fd in fds:                        # idempotent: never close a reused number
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def announce(self, mac: str, count: int = 3) -> None:
+        """Send ``count`` RARP broadcasts from the guest's ``mac`` into the TAP (QEMU's
+        announce-self after a migration): bridges and switches learn the guest's new port
+        at once instead of after their next flood. Failures are logged, never raised."""
+        hw = bytes.fromhex(mac.replace(":", ""))
+        frame = (b"\xff" * 6 + hw + b"\x80\x35"               # RARP
+                 + bytes.fromhex("0001" "0800" "06" "04" "0003")  # Ethernet/IPv4, reverse request
+                 + hw + bytes(4) + hw + bytes(4)).ljust(60, b"\0")
+        for _ in range(count):
             try:
-                os.close(fd)
-            except OSError:
-                pass
+                self.tap.write(bytes(12) + frame)
+            except Exception as e:                # best effort: the TAP may be gone
+                log.info("d%d vif/%d: announce failed: %s", self.domid, self.devid, e)
+                return
 
     def _kick(self) -> None:
         try:

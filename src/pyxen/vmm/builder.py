@@ -24,7 +24,7 @@ from pyxen.backends.console import ConsoleBackend
 from pyxen.core.clock import DomainClock
 from pyxen.core.domain import Domain, RunState, Vcpu
 from pyxen.core.memory import GuestMemory
-from pyxen.engine.base import Engine
+from pyxen.engine.base import CpuidEntry, Engine, EngineVm
 from pyxen.errors import (ConfigError, EngineUnavailable, KernelImageError,
                           XenstoredUnavailable)
 from pyxen.backends.guestio import DomainGuestAccess
@@ -129,6 +129,9 @@ class Vmm:
     store_link: StoreLink | None = None
     devices: DeviceManager | None = None
 
+    cpuid: list[list[CpuidEntry]] = []
+    hypercall_sites: list[int] = []
+
     def destroy(self) -> None:
         self.domain.destroy()
         if self.devices is not None:
@@ -147,22 +150,14 @@ def _align(x: int, a: int = 4096) -> int:
 def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None) -> Vmm:
     """Build the domain described by ``cfg`` (paused). Raises ConfigError/KernelImageError."""
     t0 = time.monotonic()
-    if cfg.vcpus < 1 or cfg.vcpus > 128:
-        raise ConfigError(f"vcpus={cfg.vcpus}: must be 1..128", "vcpus")
-    if cfg.memory < 4 or cfg.memory > 64 * 1024:
-        raise ConfigError(f"memory={cfg.memory}: must be 4..65536 MiB", "memory")
+    _check_limits(cfg)
     kernel = load_pvh_kernel(cfg.kernel)
     engine = select_engine(cfg.accel)
     vm = engine.create_vm()
-    mem = GuestMemory(vm, cfg.name)
-    mem_bytes = cfg.memory * MiB
-    for i, (gpa, size) in enumerate(layout.ram_ranges(mem_bytes)):
-        mem.add_region(f"ram{i}", gpa, size, "ram")
-    mem.add_region("acpi", layout.ACPI_BASE, layout.ACPI_SIZE, "acpi")
-    mem.add_region("special", layout.SPECIAL_PAGES_BASE,
-                   layout.SPECIAL_PAGES_COUNT * layout.PAGE_SIZE, "special")
+    mem = _memory(vm, cfg)
 
     # kernel, modules, start_info
+    mem_bytes = cfg.memory * MiB
     for seg in kernel.segments:
         if not mem.is_ram(seg.paddr) or not mem.is_ram(seg.paddr + seg.memsz - 1):
             raise KernelImageError(cfg.kernel, f"segment at 0x{seg.paddr:x} (+0x{seg.memsz:x}) "
@@ -193,22 +188,13 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
     mem.write(si_base, build_start_info_blob(si_base, cmdline=cfg.cmdline, modules=modules,
                                              memmap=memmap, rsdp_paddr=rsdp))
 
-    # domain + Xen state
-    domain = Domain(cfg.domid, cfg.name, vm, mem)
-    clock = DomainClock()
-    sink = ConsoleSink(stream=stream)
-    xd = XenDomain(domain, hypercall_msr=HYPERCALL_PAGE_MSR, clock=clock,
-                   max_pages=mem_bytes >> 12, sink=sink)
-    xd.e820 = [(r.addr, r.size, r.type) for r in memmap]
-    domain.handlers = xd
     host_cpuid = engine.supported_cpuid()
-    for i in range(cfg.vcpus):
-        v = domain.add_vcpu(i)
-        xd.add_vcpu_state()
-        v.ev.set_cpuid(build_cpuid(host_cpuid, vcpu_id=i, domid=cfg.domid, nr_vcpus=cfg.vcpus,
-                                   xen_version=XEN_VERSION, hypercall_msr=HYPERCALL_PAGE_MSR))
-    vm.set_hypercall_sites(list(kernel.hypercall_sites))
-    vm.set_trapped_msrs([HYPERCALL_PAGE_MSR])
+    cpuid = [build_cpuid(host_cpuid, vcpu_id=i, domid=cfg.domid, nr_vcpus=cfg.vcpus,
+                         xen_version=XEN_VERSION, hypercall_msr=HYPERCALL_PAGE_MSR)
+             for i in range(cfg.vcpus)]
+    vmm = _shell(cfg, vm, mem, cpuid, list(kernel.hypercall_sites), stream)
+    domain, xd = vmm.domain, vmm.xen
+    xd.e820 = [(r.addr, r.size, r.type) for r in memmap]
     bsp = domain.vcpus[0]
     sregs = bsp.ev.get_sregs()
     regs = pvh_entry_state(sregs, kernel.entry, si_base)
@@ -216,7 +202,7 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
     bsp.ev.set_regs(regs)
     bsp.initialised = True
     khz = bsp.ev.tsc_khz()                  # first: it may take time to measure
-    clock.anchor(bsp.ev.get_tsc(), khz)     # guest TSC read just before anchoring
+    xd.clock.anchor(bsp.ev.get_tsc(), khz)  # guest TSC read just before anchoring
     xd.publish_time()
 
     # xenstore and console pages + ports (store first, then console, as libxl does)
@@ -227,10 +213,84 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
                       X.HVM_PARAM_STORE_EVTCHN: store_port,
                       X.HVM_PARAM_CONSOLE_PFN: layout.CONSOLE_PFN,
                       X.HVM_PARAM_CONSOLE_EVTCHN: console_port})
+    try:
+        connect_platform(vmm, cfg, populate=True)
+        for disk in cfg.disks:
+            vmm.devices.add_disk(disk)      # type: ignore[union-attr]
+        for nic in cfg.nics:
+            vmm.devices.add_nic(nic)        # type: ignore[union-attr]
+    except BaseException:
+        vmm.destroy()
+        raise
+    vmm.build_ms = (time.monotonic() - t0) * 1000
+    return vmm
+
+
+def _check_limits(cfg: DomainConfig) -> None:
+    if cfg.vcpus < 1 or cfg.vcpus > 128:
+        raise ConfigError(f"vcpus={cfg.vcpus}: must be 1..128", "vcpus")
+    if cfg.memory < 4 or cfg.memory > 64 * 1024:
+        raise ConfigError(f"memory={cfg.memory}: must be 4..65536 MiB", "memory")
+
+
+def _memory(vm: EngineVm, cfg: DomainConfig) -> GuestMemory:
+    """The domain's guest-physical layout: RAM, the ACPI area, the Xen special pages."""
+    mem = GuestMemory(vm, cfg.name)
+    for i, (gpa, size) in enumerate(layout.ram_ranges(cfg.memory * MiB)):
+        mem.add_region(f"ram{i}", gpa, size, "ram")
+    mem.add_region("acpi", layout.ACPI_BASE, layout.ACPI_SIZE, "acpi")
+    mem.add_region("special", layout.SPECIAL_PAGES_BASE,
+                   layout.SPECIAL_PAGES_COUNT * layout.PAGE_SIZE, "special")
+    return mem
+
+
+def _shell(cfg: DomainConfig, vm: EngineVm, mem: GuestMemory, cpuid: list[list[CpuidEntry]],
+           hypercall_sites: list[int], stream: Callable[[str, bytes], None] | None) -> Vmm:
+    """Domain + Xen state + vCPUs (with their CPUID tables) + port I/O, no guest contents:
+    what a boot and a restore have in common."""
+    domain = Domain(cfg.domid, cfg.name, vm, mem)
+    sink = ConsoleSink(stream=stream)
+    xd = XenDomain(domain, hypercall_msr=HYPERCALL_PAGE_MSR, clock=DomainClock(),
+                   max_pages=(cfg.memory * MiB) >> 12, sink=sink)
+    domain.handlers = xd
+    for i in range(cfg.vcpus):
+        v = domain.add_vcpu(i)
+        xd.add_vcpu_state()
+        v.ev.set_cpuid(cpuid[i])
+    vm.set_hypercall_sites(hypercall_sites)
+    vm.set_trapped_msrs([HYPERCALL_PAGE_MSR])
+    # port I/O: debug console, ACPI sleep control (power off), reset register
+    xd.io_write_handlers[0xE9] = lambda v, p, d: sink.emit("debug", d)
+    xd.io_read_handlers[0xE9] = lambda v, p, n: b"\xe9" * n     # Bochs/QEMU port-E9 hack
+    xd.io_write_handlers[acpi.ACPI_SLEEP_CONTROL_PORT] = _sleep_control(domain)
+    xd.io_write_handlers[acpi.ACPI_SLEEP_STATUS_PORT] = lambda v, p, d: None
+    xd.io_read_handlers[acpi.ACPI_SLEEP_STATUS_PORT] = lambda v, p, n: bytes(n)
+    xd.io_write_handlers[acpi.ACPI_RESET_PORT] = _reset_register(domain)
+    vm.set_trapped_ports(sorted({Engine.HYPERCALL_PORT, *xd.io_write_handlers,
+                                 *xd.io_read_handlers}))
+    vmm = Vmm(domain, xd, None, 0.0)        # type: ignore[arg-type]
+    vmm.cpuid = cpuid
+    vmm.hypercall_sites = hypercall_sites
+    return vmm
+
+
+def connect_platform(vmm: Vmm, cfg: DomainConfig, *, populate: bool,
+                     store_state: dict | None = None) -> None:
+    """Serve the console ring and connect the store ring (ports and pages from the HVM
+    params) and make the device manager. ``populate``: write libxl's /local/domain tree (a
+    new domain); otherwise the tree is already in xenstore (a restore imported it, with the
+    guest's connection state ``store_state`` for the in-process server, unused by xenstored)."""
+    xd = vmm.xen
+    mem = vmm.domain.memory
+    ev = xd.evtchn
+    sink = xd.sink
+    store_port = xd.params[X.HVM_PARAM_STORE_EVTCHN]
+    console_port = xd.params[X.HVM_PARAM_CONSOLE_EVTCHN]
     console = ConsoleBackend(mem.view(layout.CONSOLE_PFN << 12, 4096),
                              lambda: ev.set_pending(console_port),
                              lambda data: sink.emit("console", data))
     ev.bind_backend(console_port, console.notified)
+    vmm.console = console
 
     # xenstore: the standard domU tree, then the guest's ring -- served by a standalone
     # xenstored (introduced with the memfd and two eventfds) or by a server in this process
@@ -247,7 +307,8 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
         client = None
         try:
             client = XenstoreClient(cfg.xenstored)
-            populate_domain(client, **tree)
+            if populate:
+                populate_domain(client, **tree)
             link.introduce(client)                 # the link keeps the connection
         except (OSError, ConnectionError, XenstoreError) as e:
             if client is not None:
@@ -256,37 +317,43 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
             raise XenstoredUnavailable(f"xenstored at {cfg.xenstored}: {e}") from e
     else:
         xs = cfg.xenstore or XenstoreServer()
-        populate_domain(xs, **tree)
+        if populate:
+            populate_domain(xs, **tree)
         store = XenstoreRing(mem.view(layout.XENSTORE_PFN << 12, 4096),
                              lambda: ev.set_pending(store_port), xs.connect(cfg.domid))
         ev.bind_backend(store_port, store.notified)
-
-    # port I/O: debug console, ACPI sleep control (power off), reset register
-    xd.io_write_handlers[0xE9] = lambda v, p, d: sink.emit("debug", d)
-    xd.io_read_handlers[0xE9] = lambda v, p, n: b"\xe9" * n     # Bochs/QEMU port-E9 hack
-    xd.io_write_handlers[acpi.ACPI_SLEEP_CONTROL_PORT] = _sleep_control(domain)
-    xd.io_write_handlers[acpi.ACPI_SLEEP_STATUS_PORT] = lambda v, p, d: None
-    xd.io_read_handlers[acpi.ACPI_SLEEP_STATUS_PORT] = lambda v, p, n: bytes(n)
-    xd.io_write_handlers[acpi.ACPI_RESET_PORT] = _reset_register(domain)
-    vm.set_trapped_ports(sorted({Engine.HYPERCALL_PORT, *xd.io_write_handlers,
-                                 *xd.io_read_handlers}))
-    vmm = Vmm(domain, xd, console, (time.monotonic() - t0) * 1000)
     vmm.xenstore = xs
     vmm.store_link = link
     # split-driver devices: backends in this process, reached by the guest through xenbus
-    xenstored = cfg.xenstored
-    bus_factory = (lambda: SocketBus(xenstored)) if link is not None else (lambda: LocalBus(xs))
-    vmm.devices = DeviceManager(bus_factory, DomainGuestAccess(xd), cfg.run_dir,
-                                max_queues=min(cfg.vcpus, 4))
+    if vmm.devices is None:
+        vmm.devices = device_manager(vmm, cfg)
+
+
+def device_manager(vmm: Vmm, cfg: DomainConfig) -> DeviceManager:
+    """The domain's device manager (backends talk to the same xenstore as the guest)."""
+    xenstored, xs = cfg.xenstored, vmm.xenstore
+    bus_factory = (lambda: SocketBus(xenstored)) if xenstored and cfg.xenstore is None \
+        else (lambda: LocalBus(xs))
+    return DeviceManager(bus_factory, DomainGuestAccess(vmm.xen), cfg.run_dir,
+                         max_queues=min(cfg.vcpus, 4))
+
+
+def build_shell(cfg: DomainConfig, cpuid: list[list[CpuidEntry]], hypercall_sites: list[int],
+                stream: Callable[[str, bytes], None] | None = None) -> Vmm:
+    """An empty domain for a restore: memory layout, vCPUs with the saved CPUID tables,
+    Xen state at its defaults; nothing connected yet (the restorer loads the saved state,
+    then calls :func:`connect_platform`). Raises ConfigError/EngineUnavailable."""
+    _check_limits(cfg)
+    if len(cpuid) != cfg.vcpus:
+        raise ConfigError(f"{len(cpuid)} CPUID tables for {cfg.vcpus} vCPUs", "vcpus")
+    engine = select_engine(cfg.accel)
+    vm = engine.create_vm()
     try:
-        for disk in cfg.disks:
-            vmm.devices.add_disk(disk)
-        for nic in cfg.nics:
-            vmm.devices.add_nic(nic)
+        mem = _memory(vm, cfg)
+        return _shell(cfg, vm, mem, cpuid, hypercall_sites, stream)
     except BaseException:
-        vmm.destroy()
+        vm.close()
         raise
-    return vmm
 
 
 def _sleep_control(domain: Domain) -> Callable[[Vcpu, int, bytes], None]:

@@ -96,6 +96,7 @@ class DeviceManager:
         self.lock = threading.Lock()
         self.disks: dict[int, tuple[DiskConfig, BlkBackend, QemuExport | None]] = {}
         self.nics: dict[int, tuple[NicConfig, NetBackend]] = {}
+        self._prepared: dict[tuple[str, int], tuple] = {}   # (kind, devid) -> (cfg, thing)
 
     @property
     def bus(self) -> BackendBus:
@@ -309,6 +310,156 @@ class DeviceManager:
                          "stats": dict(be.stats)})
         return rows
 
+    # --- save/restore and migration
+    def save_state(self) -> dict:
+        """Every device's config (the ring state is in guest memory and xenstore)."""
+        with self.lock:
+            return {"disks": [cfg.to_dict() for cfg, _b, _e in self.disks.values()],
+                    "nics": [{**cfg.to_dict(), "vifname": be.tap.name}
+                             for cfg, be in self.nics.values()]}
+
+    def suspend(self) -> None:
+        """Stop every backend without a handshake (the domain is paused for migration):
+        in-flight requests finish, rings and ports are released, images (and qcow2 exports)
+        closed so another host can open them; TAPs stay. Undo with :meth:`resume`."""
+        with self.lock:
+            for devid, (cfg, be, export) in list(self.disks.items()):
+                be.stop()
+                if export is not None:
+                    export.close()
+                self.disks[devid] = (cfg, be, None)
+            for cfg, nbe in self.nics.values():
+                nbe.stop(keep_tap=True)
+
+    def resume(self) -> None:
+        """After :meth:`suspend` (a migration that failed): new backends re-attach to the
+        guest's rings, as a backend restart does."""
+        with self.lock:
+            for devid, (cfg, _old, _e) in list(self.disks.items()):
+                self.disks[devid] = self._reattach_disk(cfg)
+            for devid, (ncfg, old) in list(self.nics.items()):
+                be = NetBackend(self.bus, self.guest, devid, old.tap, rate=ncfg.rate)
+                be.start(reattach=True)
+                self.nics[devid] = (ncfg, be)
+
+    def prepare(self, state: dict) -> None:
+        """Before a restore's final state arrives (during pre-copy): open the images and
+        make and bridge the TAPs of ``state``'s devices (``save_state``'s form), and
+        connect to xenstore, so that :meth:`restore` only re-attaches. Idempotent; what is
+        not used by :meth:`restore` is released by :meth:`close`."""
+        from pyxen.host.bridge import DEFAULT_BRIDGE, attach, ensure_bridge
+        from pyxen.host.tap import Tap
+        self.bus                                          # noqa: B018 (connect now)
+        for d in state.get("disks", []):
+            cfg = DiskConfig.from_dict(d)
+            if ("vbd", cfg.devid) not in self._prepared:
+                self._prepared[("vbd", cfg.devid)] = (cfg, open_disk(
+                    cfg.target, cfg.format, readonly=cfg.readonly, run_dir=self.run_dir,
+                    spec=cfg.spec or cfg.target))
+        for n in state.get("nics", []):
+            ncfg = NicConfig.from_dict(n)
+            if ("vif", ncfg.devid) in self._prepared:
+                continue
+            bridge = ncfg.bridge or DEFAULT_BRIDGE
+            ensure_bridge(bridge) if bridge == DEFAULT_BRIDGE else \
+                ensure_bridge(bridge, address=None)
+            tap = Tap(ncfg.vifname or f"vif{self.domid}.{ncfg.devid}", mtu=ncfg.mtu)
+            try:
+                attach(tap.name, bridge)
+            except BaseException:
+                tap.close()
+                raise
+            self._prepared[("vif", ncfg.devid)] = (ncfg, tap)
+
+    def _release_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, {}
+        for (kind, _devid), (_cfg, thing) in prepared.items():
+            self._release_one(kind, thing)
+
+    @staticmethod
+    def _release_one(kind: str, thing) -> None:  # type: ignore[no-untyped-def]
+        if kind == "vif":
+            thing.close()
+        else:
+            image, export = thing
+            image.close()
+            if export is not None:
+                export.close()
+
+    def restore(self, state: dict) -> None:
+        """Re-create :meth:`save_state`'s devices in a restored domain whose xenstore nodes
+        were imported: open the images, make the TAPs, and re-attach the backends to the
+        guest's rings (the guest never notices); each NIC then announces the guest's MAC
+        (RARP, as QEMU does after a migration) so switches learn where it went."""
+        from pyxen.host.bridge import DEFAULT_BRIDGE, attach, ensure_bridge
+        from pyxen.host.tap import Tap
+        disks = [DiskConfig.from_dict(d) for d in state.get("disks", [])]
+        nics = [NicConfig.from_dict(n) for n in state.get("nics", [])]
+        with self.lock:
+            try:
+                for cfg in disks:
+                    self.disks[cfg.devid] = self._reattach_disk(
+                        cfg, self._take_prepared("vbd", cfg))
+                for ncfg in nics:
+                    tap = self._take_prepared("vif", ncfg)
+                    fresh = tap is None
+                    if fresh:
+                        bridge = ncfg.bridge or DEFAULT_BRIDGE
+                        ensure_bridge(bridge) if bridge == DEFAULT_BRIDGE else \
+                            ensure_bridge(bridge, address=None)
+                        tap = Tap(ncfg.vifname or f"vif{self.domid}.{ncfg.devid}",
+                                  mtu=ncfg.mtu)
+                    try:
+                        if fresh:
+                            attach(tap.name, ncfg.bridge or DEFAULT_BRIDGE)
+                        be = NetBackend(self.bus, self.guest, ncfg.devid, tap, rate=ncfg.rate)
+                        be.start(reattach=True)
+                    except BaseException:
+                        tap.close()
+                        raise
+                    self.nics[ncfg.devid] = (ncfg, be)
+                    be.announce(ncfg.mac)
+            except BaseException:
+                self.lock.release()
+                try:
+                    self.close()
+                finally:
+                    self.lock.acquire()
+                raise
+        self._release_prepared()                 # devices the final state no longer has
+
+    def _take_prepared(self, kind: str, cfg: DiskConfig | NicConfig) -> object | None:
+        """What :meth:`prepare` made for device ``cfg``, if it was made for the same
+        image/bridge/name (otherwise it is released and None returned)."""
+        entry = self._prepared.pop((kind, cfg.devid), None)
+        if entry is None:
+            return None
+        pcfg, thing = entry
+        same = ((pcfg.target, pcfg.format, pcfg.readonly) == (cfg.target, cfg.format,
+                                                                cfg.readonly)
+                if kind == "vbd" else
+                (pcfg.bridge, pcfg.mtu) == (cfg.bridge, cfg.mtu)
+                and thing.name == (cfg.vifname or f"vif{self.domid}.{cfg.devid}"))
+        if same:
+            return thing
+        self._release_one(kind, thing)
+        return None
+
+    def _reattach_disk(self, cfg: DiskConfig, opened: tuple | None = None
+                       ) -> tuple[DiskConfig, BlkBackend, QemuExport | None]:
+        image, export = opened or open_disk(cfg.target, cfg.format, readonly=cfg.readonly,
+                                            run_dir=self.run_dir, spec=cfg.spec or cfg.target)
+        try:
+            be = BlkBackend(self.bus, self.guest, cfg.devid, image, discard=cfg.discard,
+                            max_queues=self.max_queues)
+            be.start(reattach=True)
+        except BaseException:
+            image.close()
+            if export is not None:
+                export.close()
+            raise
+        return cfg, be, export
+
     # --- libxl's xenstore layout
     def _write_nodes(self, kind: str, devid: int, *, frontend: dict[str, str],
                      backend: dict[str, str]) -> None:
@@ -338,6 +489,7 @@ class DeviceManager:
 
     def close(self) -> None:
         """Domain teardown: stop every backend (no handshake) and release images."""
+        self._release_prepared()
         with self.lock:
             entries = list(self.disks.values())
             nics = list(self.nics.values())

@@ -30,11 +30,15 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from pyxen.errors import PyxenError
+from pyxen.migration.channel import DEFAULT_PORT
+from pyxen.migration.outgoing import XenstoredHooks, migrate_out
+from pyxen.vmm.restore import cpuid_to_json
+from pyxen.migration.save import MAX_ROUNDS, DomainSaver, FdSink, MigrationError
 from pyxen.vmm.builder import DomainConfig, Vmm, build
 from pyxen.vmm.devices import DeviceManager, DiskConfig, NicConfig
 from pyxen.xen.abi import xen as X
@@ -46,8 +50,11 @@ log = logging.getLogger("pyxen.vmm")
 #: SHUTDOWN_* codes (xen/include/public/sched.h) by pyxen's reason names
 REASON_CODES = {name: code for code, name in X.SHUTDOWN_NAMES.items()}
 OPS = ("info", "pause", "unpause", "shutdown", "destroy", "rename", "subscribe",
-       "device_add", "device_remove", "device_list", "device_restart")
+       "device_add", "device_remove", "device_list", "device_restart", "save", "migrate",
+       "migrate_status")
 DEVICE_KINDS = ("vbd", "vif")
+#: VmmSpec fields that belong to the host, not the domain (not sent in a save/migration)
+HOST_LOCAL = ("run_dir", "log_dir", "xenstored", "paused")
 _CONSOLE_CLIENT_MAX = 1 << 20          # bytes queued for a console client before it is cut
 
 
@@ -115,6 +122,7 @@ class VmmProcess:
         self._lock = threading.Lock()
         self._console_pending = bytearray()
         self._replies: list[tuple[_Peer, dict]] = []
+        self.migration: dict = {}
         self._state_changed = False
         self._exit = False
         os.makedirs(spec.log_dir, exist_ok=True)
@@ -224,8 +232,10 @@ class VmmProcess:
             self._drop(peer)
 
     def _run_deferred(self, peer: _Peer, op: _Deferred) -> None:
+        exit_after = False
         try:
             reply = {"ok": True, **(op.fn() or {})}
+            exit_after = bool(reply.pop("_exit", False))
         except (PyxenError, ValueError, RuntimeError) as e:
             reply = {"ok": False, "error": str(e)}
         except Exception as e:                       # a bug must not take the domain down
@@ -233,6 +243,8 @@ class VmmProcess:
             reply = {"ok": False, "error": f"internal error: {e}"}
         with self._lock:
             self._replies.append((peer, reply))
+            if exit_after:
+                self._exit = True                   # after this reply has been sent
         self._wake()
 
     def _send_replies(self) -> None:
@@ -430,6 +442,96 @@ class VmmProcess:
         devices = self._devices(req)
         return {"devices": devices.list_nics() if req["kind"] == "vif" else devices.list_disks()}
 
+    # --- save and live migration
+    def _xenstore_hooks(self) -> XenstoredHooks:
+        if self.vmm.store_link is None:
+            raise ValueError("only domains whose xenstore is served by xenstored can be saved")
+        return XenstoredHooks(self.spec.xenstored)
+
+    def domain_config(self, record: dict | None) -> dict:
+        """The DOMAIN_CONFIG record: the VMM spec without host-local paths, the toolstack's
+        record, and what the engine state needs on the other side."""
+        spec = {k: v for k, v in asdict(self.spec).items() if k not in HOST_LOCAL}
+        engine = self.domain.vm.engine                 # type: ignore[attr-defined]
+        return {"spec": spec, "record": record or {}, "engine": engine.name,
+                "state_format": engine.state_format, "cpuid": cpuid_to_json(self.vmm.cpuid),
+                "hypercall_sites": list(self.vmm.hypercall_sites)}
+
+    def _op_save(self, _peer: _Peer, req: dict) -> _Deferred:
+        """xl save: write the domain to ``path``; then destroy it, or with ``keep`` (-c)
+        let it go on (``paused``: -p, leave it paused)."""
+        self._require_live()
+        path = req.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("save needs a file name")
+        hooks = self._xenstore_hooks()
+        keep, paused = bool(req.get("keep")), bool(req.get("paused"))
+        config = self.domain_config(req.get("record"))
+
+        def run() -> dict:
+            t0 = time.monotonic()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            saver = DomainSaver(self.vmm, config, FdSink(fd), hooks)
+            try:
+                saver.send_header()
+                saver.final()
+                os.fsync(fd)
+            except BaseException as e:
+                saver.abort()
+                os.close(fd)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                if isinstance(e, OSError):
+                    raise MigrationError(f"writing {path}: {e.strerror or e}") from None
+                raise
+            os.close(fd)
+            st = saver.stats
+            out = {**st.to_dict(), "path": path,
+                   "total_ms": round((time.monotonic() - t0) * 1000, 1),
+                   "pause_ms": round((st.stream_done_at - st.paused_at) * 1000, 1)}
+            if keep:
+                saver.abort()                        # thaw, re-attach, unpause as before
+                if paused:
+                    self.domain.pause()
+                return out
+            log.info("d%d: saved to %s; destroying", self.domain.domid, path)
+            return {**out, "_exit": True}
+        return _Deferred(run)
+
+    def _op_migrate_status(self, _peer: _Peer, _req: dict) -> dict:
+        return {"migration": self.migration}
+
+    def _op_migrate(self, _peer: _Peer, req: dict) -> _Deferred:
+        """Live-migrate to the pyxend at ``host``:``port`` (see migration/channel.py)."""
+        self._require_live()
+        if self.migration.get("phase") in ("connecting", "precopy", "final"):
+            raise ValueError("a migration of this domain is already running")
+        host = req.get("host")
+        if not isinstance(host, str) or not host:
+            raise ValueError("migrate needs a host")
+        port = int(req.get("port") or DEFAULT_PORT)
+        hooks = self._xenstore_hooks()
+        config = self.domain_config(req.get("record"))
+        self.migration = {"phase": "connecting", "host": host, "port": port}
+
+        def progress(p: dict) -> None:
+            self.migration = {**self.migration, **p}
+
+        def run() -> dict:
+            try:
+                out = migrate_out(self.vmm, config, host, port, hooks, progress,
+                                  max_rounds=int(req.get("max_rounds") or MAX_ROUNDS))
+            except PyxenError as e:
+                self.migration = {**self.migration, "phase": "failed", "error": str(e)}
+                raise
+            self.migration = {**self.migration, **out}
+            if out["phase"] == "done":
+                return {**out, "_exit": True}
+            return out
+        return _Deferred(run)
+
     def state(self) -> dict:
         d = self.domain
         rs = d.runstate
@@ -505,30 +607,45 @@ def _report(fd: int | None, obj: dict) -> None:
         os.close(fd)
 
 
+def _domain_config(spec: VmmSpec) -> DomainConfig:
+    modules = [(spec.ramdisk, "")] if spec.ramdisk else []
+    return DomainConfig(kernel=spec.kernel, name=spec.name, memory=spec.memory,
+                        vcpus=spec.vcpus, cmdline=spec.cmdline, modules=modules,
+                        accel=spec.accel, domid=spec.domid, xenstored=spec.xenstored,
+                        uuid=spec.uuid, run_dir=spec.run_dir,
+                        disks=[DiskConfig.from_dict(d) for d in spec.disks],
+                        nics=[NicConfig.from_dict(n) for n in spec.nics])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pyxen-vmm", description=__doc__.split("\n")[0])
     ap.add_argument("--spec", required=True, help="JSON file with the VmmSpec")
     ap.add_argument("--ready-fd", type=int, default=None)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--restore", metavar="FILE", help="restore the domain saved in FILE "
+                     "(the spec then holds only this host's paths)")
+    src.add_argument("--receive-fd", type=int, metavar="FD",
+                     help="receive a live migration on the connected socket FD")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s pyxen-vmm[%(process)d] %(levelname)s %(message)s")
     ready = args.ready_fd
     try:
-        spec = VmmSpec.from_dict(json.loads(Path(args.spec).read_text()))
+        raw = json.loads(Path(args.spec).read_text())
+        spec = VmmSpec.from_dict(raw) if not (args.restore or args.receive_fd is not None) \
+            else None
     except (OSError, ValueError, TypeError) as e:
         _report(ready, {"ok": False, "error": f"{args.spec}: {e}"})
         return 1
     holder: dict = {}
-    modules = [(spec.ramdisk, "")] if spec.ramdisk else []
-    cfg = DomainConfig(kernel=spec.kernel, name=spec.name, memory=spec.memory,
-                       vcpus=spec.vcpus, cmdline=spec.cmdline, modules=modules,
-                       accel=spec.accel, domid=spec.domid, xenstored=spec.xenstored,
-                       uuid=spec.uuid, run_dir=spec.run_dir,
-                       disks=[DiskConfig.from_dict(d) for d in spec.disks],
-                       nics=[NicConfig.from_dict(n) for n in spec.nics])
+
+    def console(ch: str, data: bytes) -> None:
+        if "p" in holder:
+            holder["p"].console_output(ch, data)
+    if spec is None:
+        return _main_restore(args, raw, console, holder, ready)
     try:
-        vmm = build(cfg, stream=lambda ch, data: holder["p"].console_output(ch, data)
-                    if "p" in holder else None)
+        vmm = build(_domain_config(spec), stream=console)
         os.makedirs(spec.run_dir, exist_ok=True)
         proc = VmmProcess(spec, vmm)
     except (PyxenError, OSError) as e:
@@ -537,15 +654,127 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     holder["p"] = proc
     _set_console_tty(spec)
-    signal.signal(signal.SIGTERM, lambda *_: proc.request_exit())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _signals(proc)
     if not spec.paused:
         proc.start()
     log.info("d%d (%s): built in %.0f ms%s", spec.domid, spec.name, vmm.build_ms,
              " (paused)" if spec.paused else "")
     _report(ready, {"ok": True, "pid": os.getpid(), "control": spec.control_path(),
                     "console": spec.console_path()})
+    proc.serve()
+    return 0
+
+
+def _fault_point(local: dict, name: str) -> None:
+    """Fault injection for the migration tests: if ``<run_dir>/migrate-fault`` names this
+    point, the receiving VMM dies here (SIGKILL, as a crash would)."""
+    try:
+        with open(os.path.join(local.get("run_dir", ""), "migrate-fault")) as f:
+            if f.read().strip() == name:
+                log.warning("fault injection: dying at %s", name)
+                os.kill(os.getpid(), signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _signals(proc: VmmProcess) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: proc.request_exit())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _main_restore(args: argparse.Namespace, local: dict, console, holder: dict,  # type: ignore[no-untyped-def]
+                  ready: int | None) -> int:
+    """Restore from a file (``--restore``) or receive a migration (``--receive-fd``): the
+    spec comes from the stream, this host's paths from ``local`` (run_dir, log_dir,
+    xenstored, paused; ``domid``: the ID pyxend reserved, which must be the stream's)."""
+    import socket as _socket
+    from pyxen.migration.channel import Channel, ChannelError
+    from pyxen.vmm.restore import DomainRestorer, start_restored
+    from pyxen.migration.outgoing import RESUME_TIMEOUT
+    holder_spec: dict = {}
+
+    def make_config(config: dict) -> DomainConfig:
+        raw = config.get("spec")
+        if not isinstance(raw, dict):
+            raise ValueError("no spec in the domain config")
+        spec = VmmSpec.from_dict({**raw, **{k: local[k] for k in HOST_LOCAL if k in local}})
+        want = local.get("domid")
+        if want is not None and spec.domid != want:
+            raise ValueError(f"domain ID {spec.domid} in the stream, {want} reserved here")
+        holder_spec["spec"] = spec
+        holder_spec["record"] = config.get("record") or {}
+        return _domain_config(spec)
+
+    def xs_import(domid: int, state: dict) -> None:
+        with XenstoreClient(local["xenstored"], timeout=10) as c:
+            c.import_domain(domid, state)
+
+    restorer = DomainRestorer(make_config, xs_import, stream=console)
+    ch: Channel | None = None
+    what = args.restore or "the migration stream"
+    try:
+        if args.restore:
+            with open(args.restore, "rb") as f:
+                while not restorer.ended:
+                    data = f.read(1 << 22)
+                    if not data:
+                        break
+                    restorer.feed(data)
+        else:
+            sock = _socket.socket(fileno=args.receive_fd)
+            ch = Channel(sock, "the source")
+            while not restorer.ended:
+                data = ch.recv_some(60.0, "the stream")
+                if not data:
+                    break
+                restorer.feed(data)
+        restorer.eof()
+        _fault_point(local, "before-restore")
+        vmm = restorer.finish()
+    except (PyxenError, OSError, ValueError) as e:
+        restorer.discard()
+        msg = f"{what}: {e}" if args.restore else str(e)
+        log.error("restore failed: %s", msg)
+        if ch is not None:
+            try:
+                ch.send_json({"ok": False, "error": msg})
+            except ChannelError:
+                pass
+        _report(ready, {"ok": False, "error": msg})
+        return 1
+    spec: VmmSpec = holder_spec["spec"]
+    os.makedirs(spec.run_dir, exist_ok=True)
+    proc = VmmProcess(spec, vmm)
+    proc.started = True
+    holder["p"] = proc
+    running = restorer.was_running and not local.get("paused")
+    if ch is not None:
+        _fault_point(local, "before-ready")
+        try:
+            ch.send_json({"ok": True, "ready": True})
+            go = ch.recv_json(RESUME_TIMEOUT, "waiting for go")
+            if not go.get("go"):
+                raise ChannelError("the source did not say go")
+        except ChannelError as e:
+            log.error("migration aborted before go: %s", e)
+            proc._teardown()
+            _report(ready, {"ok": False, "error": f"migration aborted: {e}"})
+            return 1
+    _set_console_tty(spec)
+    _signals(proc)
+    start_restored(vmm, running)
+    if ch is not None:
+        try:
+            ch.send_json({"ok": True, "resumed": True})
+        except ChannelError:
+            pass                     # the source will leave its copy paused; ours runs
+        ch.close()
+    log.info("d%d (%s): restored from %s (%d pages)%s", spec.domid, spec.name, what,
+             restorer.pages_received, "" if running else " (paused)")
+    _report(ready, {"ok": True, "pid": os.getpid(), "control": spec.control_path(),
+                    "console": spec.console_path(), "spec": asdict(spec),
+                    "record": holder_spec.get("record", {})})
     proc.serve()
     return 0
 

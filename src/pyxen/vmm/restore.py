@@ -1,0 +1,272 @@
+"""The receiving side of restore and live migration: a domain rebuilt from a record stream.
+
+:class:`DomainRestorer` is fed the stream's bytes (:meth:`feed`, any chunking) and builds an
+empty domain of the right shape when DOMAIN_CONFIG arrives, so page data goes straight into
+its memory during pre-copy. Nothing outside this process is touched until END has been read
+and every record checked: then :meth:`finish` loads the Xen and vCPU state, imports the
+xenstore nodes and connection, connects console and store rings, re-attaches the backends and
+returns the domain, paused. :meth:`discard` throws a half-built domain away. Every error names
+the record (index, type) and its offset in the stream.
+
+Runs in the VMM process that will own the domain; one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from pyxen.core.memory import PAGE
+from pyxen.engine.base import CpuidEntry
+from pyxen.errors import EngineError, PyxenError
+from pyxen.migration import stream as S
+from pyxen.vmm.builder import (DomainConfig, Vmm, build_shell, connect_platform,
+                                device_manager)
+
+log = logging.getLogger("pyxen.migration")
+_ZERO = bytes(PAGE)
+
+
+class RestoreError(PyxenError):
+    """The stream cannot be restored; the message names the record and offset."""
+
+
+def cpuid_to_json(tables: list[list[CpuidEntry]]) -> list[list[list[int]]]:
+    return [[[e.function, e.index, e.eax, e.ebx, e.ecx, e.edx, int(e.significant_index)]
+             for e in t] for t in tables]
+
+
+def cpuid_from_json(raw: object) -> list[list[CpuidEntry]]:
+    if not isinstance(raw, list):
+        raise ValueError("cpuid must be a list of tables")
+    out = []
+    for t in raw:
+        out.append([CpuidEntry(*(int(x) & 0xFFFFFFFF for x in e[:6]), bool(e[6])) for e in t])
+    return out
+
+
+class DomainRestorer:
+    """Rebuilds one domain. ``make_config(config) -> DomainConfig`` turns the stream's
+    DOMAIN_CONFIG into this host's config (host-local paths, the xenstored socket) and raises
+    RestoreError/PyxenError if this host cannot run it. ``xenstore_import(domid, state)``
+    imports the XENSTORE record (the standalone xenstored). ``stream`` receives console output.
+    """
+
+    REQUIRED = (S.XEN_STATE, S.XENSTORE, S.DEVICES)
+
+    def __init__(self, make_config: Callable[[dict], DomainConfig],
+                 xenstore_import: Callable[[int, dict], None],
+                 stream: Callable[[str, bytes], None] | None = None) -> None:
+        self.make_config = make_config
+        self.xenstore_import = xenstore_import
+        self.stream = stream
+        self.reader = S.StreamReader()
+        self.config: dict | None = None
+        self.cfg: DomainConfig | None = None
+        self.vmm: Vmm | None = None
+        self.vcpu_blobs: dict[int, tuple[bytes, S.Record]] = {}
+        self.hyp_pages: dict[tuple[int, int], bytes] = {}
+        self.json: dict[int, tuple[dict, S.Record]] = {}
+        self.pages_received = 0
+        self.ended = False
+        self._regions: list = []
+        #: duration of each step of :meth:`finish`, ms
+        self.steps: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- input
+    def feed(self, data: bytes | memoryview) -> None:
+        """Consume stream bytes. Raises StreamError/RestoreError (then :meth:`discard`)."""
+        for rec in self.reader.feed(data):
+            self._record(rec)
+
+    def _fail(self, rec: S.Record, why: str) -> RestoreError:
+        return RestoreError(f"record {rec.index} ({rec.name}) at offset 0x{rec.offset:x}: {why}")
+
+    def _record(self, rec: S.Record) -> None:
+        t = rec.type
+        if self.config is None and t != S.DOMAIN_CONFIG:
+            raise self._fail(rec, "the stream must start with DOMAIN_CONFIG")
+        if t == S.DOMAIN_CONFIG:
+            if self.config is not None:
+                raise self._fail(rec, "a second DOMAIN_CONFIG")
+            self._configure(rec, S.parse_json(rec))
+        elif t == S.PAGE_DATA:
+            self._pages(rec)
+        elif t == S.HYPERVISOR_PAGE:
+            kind, index, data = S.parse_hypervisor_page(rec)
+            if kind not in (1, 2) or (kind == 1 and index != 0) or index >= 64:
+                raise self._fail(rec, f"hypervisor page kind {kind} index {index}")
+            self.hyp_pages[(kind, index)] = bytes(data)
+        elif t == S.VCPU_STATE:
+            vid, blob = S.parse_vcpu_state(rec)
+            assert self.cfg is not None
+            if not 0 <= vid < self.cfg.vcpus or vid in self.vcpu_blobs:
+                raise self._fail(rec, f"vCPU {vid} (the domain has {self.cfg.vcpus}, each once)")
+            self.vcpu_blobs[vid] = (bytes(blob), rec)
+        elif t in (S.XEN_STATE, S.XENSTORE, S.DEVICES):
+            if t in self.json:
+                raise self._fail(rec, "appears twice")
+            self.json[t] = (S.parse_json(rec), rec)
+        elif t == S.DISK_DATA:
+            raise self._fail(rec, "disk data without a disk-copy migration")
+        elif t == S.END:
+            self.ended = True
+
+    def _configure(self, rec: S.Record, config: dict) -> None:
+        try:
+            cfg = self.make_config(config)
+            cpuid = cpuid_from_json(config.get("cpuid"))
+            sites = [int(a) for a in config.get("hypercall_sites", [])]
+        except (ValueError, TypeError, KeyError) as e:
+            raise self._fail(rec, f"bad domain config: {e}") from None
+        except PyxenError as e:
+            raise self._fail(rec, str(e)) from None
+        try:
+            self.vmm = build_shell(cfg, cpuid, sites, self.stream)
+        except PyxenError as e:
+            raise self._fail(rec, f"cannot build the domain here: {e}") from None
+        fmt = getattr(self.vmm.domain.vm, "engine", None)
+        want = config.get("state_format")
+        have = getattr(fmt, "state_format", None)
+        if want != have:
+            self.discard()
+            raise self._fail(rec, f"saved with engine state {want!r}; this host's engine "
+                             f"has {have!r}")
+        self.config, self.cfg = config, cfg
+        self._regions = [r for r in self.vmm.domain.memory.regions if r.kind != "xenpage"]
+        # open images, make TAPs now, while pre-copy runs: not during the pause
+        self.vmm.devices = device_manager(self.vmm, cfg)
+        try:
+            self.vmm.devices.prepare({"disks": [d.to_dict() for d in cfg.disks],
+                                      "nics": [n.to_dict() for n in cfg.nics]})
+        except (PyxenError, OSError) as e:
+            self.discard()
+            raise self._fail(rec, f"devices: {e}") from None
+
+    def _pages(self, rec: S.Record) -> None:
+        entries = S.parse_page_data(rec)
+        regions = self._regions
+        cache = None
+        for pfn, ptype, data in entries:
+            gpa = pfn * PAGE
+            if cache is None or not cache.gpa <= gpa < cache.end:
+                cache = next((r for r in regions if r.gpa <= gpa < r.end), None)
+                if cache is None:
+                    raise self._fail(rec, f"frame 0x{pfn:x} is outside the domain's memory")
+            off = gpa - cache.gpa
+            if data is None:
+                cache.mm[off:off + PAGE] = _ZERO
+            else:
+                cache.mm[off:off + PAGE] = data
+        self.pages_received += len(entries)
+
+    def eof(self) -> None:
+        """The input ended: raise (naming where) unless END was read."""
+        self.reader.finish()
+
+    # ----------------------------------------------------------------- build
+    def finish(self) -> Vmm:
+        """After END: apply the state and connect the domain (paused). On error the
+        domain is destroyed and its xenstore nodes removed; RestoreError says why."""
+        vmm, cfg = self.vmm, self.cfg
+        if not self.ended or vmm is None or cfg is None:
+            raise RestoreError("stream truncated: no END record")
+        missing = [S.TYPE_NAMES[t] for t in self.REQUIRED if t not in self.json]
+        missing += [f"VCPU_STATE {i}" for i in range(cfg.vcpus) if i not in self.vcpu_blobs]
+        if missing:
+            self.discard()
+            raise RestoreError(f"stream incomplete: no {', '.join(missing)} before END")
+        xd, d = vmm.xen, vmm.domain
+        xen, xrec = self.json[S.XEN_STATE]
+        imported = False
+        t = [time.monotonic()]
+
+        def step(name: str) -> None:
+            now = time.monotonic()
+            self.steps[name] = round((now - t[0]) * 1000, 2)
+            t[0] = now
+        try:
+            try:
+                xd.load_state(xen, self.hyp_pages)
+                cores = xen.get("core_vcpus", [])
+                for v, c in zip(d.vcpus, cores):
+                    v.online, v.sipi_wait = bool(c["online"]), bool(c["sipi_wait"])
+                    v.initialised = bool(c["initialised"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise self._fail(xrec, str(e)) from None
+            for vid, (blob, rec) in sorted(self.vcpu_blobs.items()):
+                try:
+                    d.vcpus[vid].ev.load_state(blob)
+                except EngineError as e:
+                    raise self._fail(rec, str(e)) from None
+            try:
+                xd.clock.load(xen["clock"], guest_tsc=d.vcpus[0].ev.get_tsc())
+            except (ValueError, KeyError) as e:
+                raise self._fail(xrec, str(e)) from None
+            step("cpu+xen")
+            store, srec = self.json[S.XENSTORE]
+            try:
+                self.xenstore_import(cfg.domid, store)
+                imported = True
+            except PyxenError as e:
+                raise self._fail(srec, f"xenstore import: {e}") from None
+            step("xenstore-import")
+            connect_platform(vmm, cfg, populate=False)
+            step("platform")
+            devices, drec = self.json[S.DEVICES]
+            try:
+                vmm.devices.restore(devices)       # type: ignore[union-attr]
+            except (PyxenError, ValueError, TypeError) as e:
+                raise self._fail(drec, f"devices: {e}") from None
+            step("devices")
+        except BaseException:
+            self.discard(release=imported)
+            raise
+        self._reraise_events()
+        log.info("d%d: restore steps (ms): %s", cfg.domid, self.steps)
+        return vmm
+
+    def _reraise_events(self) -> None:
+        """Notify every backend-served port once and re-assert pending upcalls: an event
+        raised while the source was capturing its state may have missed the copy, and a
+        spurious event is harmless in Xen's model (the receiver checks its ring)."""
+        assert self.vmm is not None
+        xd = self.vmm.xen
+        ev = xd.evtchn
+        for port, ch in enumerate(ev.ports):
+            if ch.backend is not None:
+                ev.set_pending(port)
+        for i in range(len(xd.vcpu_state)):
+            if xd.upcall_pending(i):
+                xd.assert_upcall(i)
+
+    @property
+    def was_running(self) -> bool:
+        return bool(self.json.get(S.XEN_STATE, ({}, None))[0].get("was_running", True))
+
+    def discard(self, release: bool = False) -> None:
+        """Throw the half-built domain away (and, with ``release``, its xenstore nodes)."""
+        vmm, self.vmm = self.vmm, None
+        if vmm is None:
+            return
+        try:
+            vmm.destroy()
+        except Exception as e:                           # noqa: BLE001 (failure path)
+            log.warning("restore: destroying the half-built domain: %s", e)
+        if release and self.cfg is not None and self.cfg.xenstored:
+            from pyxen.vmm.process import release_domain
+            release_domain(self.cfg.xenstored, self.cfg.domid, self.cfg.uuid)
+
+
+def start_restored(vmm: Vmm, running: bool) -> None:
+    """Start the vCPU threads of a restored domain (online ones run, APs the guest never
+    started wait for SIPI) and unpause it if ``running``."""
+    d = vmm.domain
+    for v in d.vcpus:
+        if v.online:
+            v.start()
+        elif v.sipi_wait:
+            v.start_waiting_for_sipi()
+    if running:
+        d.unpause()
