@@ -86,13 +86,7 @@ def _master(ifname: str) -> str | None:
         return None
 
 
-def _icmp_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    s = (s >> 16) + (s & 0xFFFF)
-    s += s >> 16
-    return ~s & 0xFFFF
+from pyxen.testing.pinger import checksum as _icmp_checksum  # noqa: E402
 
 
 def host_ping(addr: str, count: int = 2, wait: float = 2.0) -> bool:

@@ -1,7 +1,8 @@
 """xl-compatible subcommands: ``create``, ``list``, ``console``, ``shutdown``, ``reboot``,
 ``destroy``, ``pause``, ``unpause``, ``rename``, ``domid``, ``domname``, ``uptime``, ``info``,
 ``dmesg``, ``vcpu-list``, ``block-attach``, ``block-detach``, ``block-list``,
-``network-attach``, ``network-detach``, ``network-list``. They talk only
+``network-attach``, ``network-detach``, ``network-list``, ``save``, ``restore``,
+``migrate``. They talk only
 to pyxend's API (:mod:`pyxen.cli.apiclient`); the console attaches to the socket pyxend names
 for the domain, as xl's console opens the pty named in xenstore.
 
@@ -297,6 +298,83 @@ def cmd_rename(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- save, migrate
+
+def cmd_save(args: argparse.Namespace) -> int:
+    api = connect()
+    out = api.post(f"/domains/{api.dom(args.domain)}/save",
+                   {"path": os.path.abspath(args.file), "keep": args.keep,
+                    "paused": args.paused})
+    assert isinstance(out, dict)
+    print(f"Saved {args.domain} to {args.file}: {out.get('bytes_sent', 0) / (1 << 20):.1f} "
+          f"MiB, {out.get('pages_sent', 0)} pages ({out.get('zero_pages', 0)} zero), "
+          f"paused {out.get('pause_ms')} ms, {out.get('total_ms')} ms in all",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    api = connect()
+    out = api.post("/restore", {"path": os.path.abspath(args.file), "paused": args.paused})
+    assert isinstance(out, dict)
+    print(f"Restored {out['name']} as domain {out['domid']}", file=sys.stderr)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """xl migrate: live-migrate, showing rounds, pages, rate and ETA while it runs."""
+    import threading
+    api = connect()
+    dom = api.dom(args.domain)
+    host, port = args.host, args.port
+    if ":" in host and port is None and host.count(":") == 1:
+        host, _, p = host.partition(":")
+        port = int(p)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["out"] = api.post(f"/domains/{dom}/migrate", {"host": host, "port": port})
+        except BaseException as e:               # shown by the main thread
+            result["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    from rich.console import Console
+    console = Console(stderr=True)
+    with console.status(f"migrating {args.domain} to {host}") as status:
+        while t.is_alive():
+            t.join(0.25)
+            if not t.is_alive() or args.quiet:
+                continue
+            try:
+                st = api.get(f"/domains/{dom}/migrate")
+            except ToolstackError:
+                continue
+            if isinstance(st, dict) and st.get("phase"):
+                status.update(_progress_line(args.domain, host, st))
+    if "error" in result:
+        raise result["error"]
+    out = result["out"]
+    assert isinstance(out, dict)
+    mib = out.get("bytes_sent", 0) / (1 << 20)
+    print(f"Migrated {args.domain} to {host}: {out.get('total_ms')} ms in all, paused "
+          f"{out.get('pause_ms')} ms, {mib:.1f} MiB sent in {out.get('rounds')} rounds "
+          f"({out.get('pages_sent')} pages; dirty per round {out.get('dirty_history')})",
+          file=sys.stderr)
+    steps = out.get("pause_steps_ms") or {}
+    if steps:
+        print("Pause: " + ", ".join(f"{k} {v:g} ms" for k, v in steps.items()), file=sys.stderr)
+    return 0
+
+
+def _progress_line(name: str, host: str, st: dict) -> str:
+    pages, total = st.get("pages", 0), st.get("total_pages") or 0
+    eta = st.get("eta_s")
+    return (f"{name} -> {host}: {st.get('phase')} round {st.get('round', 0)}, "
+            f"{pages}/{total} pages sent, {st.get('dirty', '?')} dirty, "
+            f"{st.get('rate_mib_s', 0)} MiB/s" + (f", ETA {eta:.2f} s" if eta else ""))
+
+
 # ----------------------------------------------------------------------------- disks
 
 def cmd_block_attach(args: argparse.Namespace) -> int:
@@ -459,6 +537,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=what)
         p.add_argument("domain")
         p.set_defaults(func=fn)
+
+    sv = sub.add_parser("save", help="save a domain to a file (destroys it unless -c)")
+    sv.add_argument("-c", dest="keep", action="store_true",
+                    help="leave the domain running after saving it")
+    sv.add_argument("-p", dest="paused", action="store_true",
+                    help="with -c: leave it paused")
+    sv.add_argument("domain")
+    sv.add_argument("file")
+    sv.set_defaults(func=cmd_save)
+
+    rs = sub.add_parser("restore", help="restore a domain from a file written by save")
+    rs.add_argument("-p", dest="paused", action="store_true", help="leave it paused")
+    rs.add_argument("file")
+    rs.set_defaults(func=cmd_restore)
+
+    mg = sub.add_parser("migrate", help="live-migrate a domain to another host's pyxend "
+                        "(its relocation service, pyxend --relocation)")
+    mg.add_argument("--port", type=int, default=None, help="relocation port (default 8002)")
+    mg.add_argument("-q", dest="quiet", action="store_true", help="no progress display")
+    mg.add_argument("domain")
+    mg.add_argument("host", help="HOST or HOST:PORT")
+    mg.set_defaults(func=cmd_migrate)
 
     r = sub.add_parser("rename", help="rename a domain")
     r.add_argument("domain")

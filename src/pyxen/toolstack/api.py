@@ -70,6 +70,22 @@ class RenameRequest(BaseModel):
     name: str
 
 
+class SaveRequest(BaseModel):
+    path: str = Field(description="absolute path of the file to write")
+    keep: bool = Field(False, description="leave the domain running afterwards (xl save -c)")
+    paused: bool = Field(False, description="with keep: leave it paused (xl save -p)")
+
+
+class RestoreRequest(BaseModel):
+    path: str = Field(description="absolute path of a file written by save")
+    paused: bool = Field(False, description="leave the restored domain paused (xl restore -p)")
+
+
+class MigrateRequest(BaseModel):
+    host: str = Field(description="the target pyxend's relocation address")
+    port: int | None = Field(None, ge=1, le=65535, description="its port (default 8002)")
+
+
 def make_app(daemon: Pyxend) -> FastAPI:
     app = FastAPI(title="pyxend", version="0.1.0",
                   description="pyxen's toolstack daemon: domains, lifecycle, host info.")
@@ -183,6 +199,28 @@ def make_app(daemon: Pyxend) -> FastAPI:
         _check_detach_timeout(timeout)
         return daemon.nic_detach(dom, device, force=force, timeout=timeout)
 
+    @app.post(p + "/domains/{dom}/save", summary="save a domain to a file (xl save)")
+    def save(dom: str, req: SaveRequest) -> dict:
+        _not_dom0(dom)
+        return daemon.save(dom, req.path, keep=req.keep, paused=req.paused)
+
+    @app.post(f"{p}/restore", status_code=201, summary="restore a saved domain (xl restore)")
+    def restore(req: RestoreRequest) -> dict:
+        rec = daemon.restore(req.path, paused=req.paused)
+        return {"domid": rec.domid, "name": rec.name, "console": rec.console}
+
+    @app.post(p + "/domains/{dom}/migrate",
+              summary="live-migrate a domain to another host's pyxend (xl migrate); "
+                      "returns when it is done, with the summary")
+    def migrate(dom: str, req: MigrateRequest) -> dict:
+        _not_dom0(dom)
+        return daemon.migrate(dom, req.host, req.port)
+
+    @app.get(p + "/domains/{dom}/migrate", summary="progress of a running migration")
+    def migrate_status(dom: str) -> dict:
+        _not_dom0(dom)
+        return daemon.migration_status(dom)
+
     @app.get(f"{p}/dmesg", summary="the hypervisor's message ring (xl dmesg)")
     def dmesg(clear: bool = False) -> dict:
         return {"lines": daemon.dmesg(clear)}
@@ -270,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pyxend", description="pyxen's toolstack daemon")
     ap.add_argument("--listen", metavar="HOST:PORT",
                     help="serve the API on TCP instead of the unix socket (opt-in)")
+    ap.add_argument("--relocation", metavar="HOST:PORT",
+                    default=os.environ.get("PYXEN_RELOCATION"),
+                    help="accept live migrations on this TCP address (default: off; "
+                         "env PYXEN_RELOCATION; the port defaults to 8002)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     import uvicorn
@@ -284,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     except ToolstackError as e:
         print(f"pyxend: {e}", file=sys.stderr)
         return 1
+    if args.relocation:
+        rhost, _, rport = args.relocation.rpartition(":")
+        try:
+            daemon.serve_relocation(rhost or "0.0.0.0", int(rport or 8002))
+        except (OSError, ValueError) as e:
+            print(f"pyxend: relocation service on {args.relocation}: {e}", file=sys.stderr)
+            return 1
     app = make_app(daemon)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.listen:

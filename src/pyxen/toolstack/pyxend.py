@@ -74,6 +74,9 @@ SHUTDOWN_TIMEOUT = 60.0                # s a guest has to honour control/shutdow
 XENSTORED_CHECK = 1.0                  # s between xenstored liveness checks
 XENSTORED_START_TIMEOUT = 15.0
 DEVICE_ADD_TIMEOUT = 60.0              # s for a VMM to attach a disk (opens it, starts blkback)
+SAVE_TIMEOUT = 600.0                   # s for a VMM to write a save file
+RESTORE_TIMEOUT = 600.0                # s for a VMM to rebuild a domain from a stream
+MIGRATE_TIMEOUT = 3600.0               # s for a live migration
 DETACH_TIMEOUT = 10.0                  # s the guest has to close a detached disk (libxl's)
 ACTION_KEYS = {"poweroff": "on_poweroff", "reboot": "on_reboot", "crash": "on_crash",
                "watchdog": "on_watchdog", "soft_reset": "on_soft_reset"}
@@ -118,6 +121,8 @@ class Pyxend:
         self.started = time.time()
         self._dmesg: deque[str] = deque(maxlen=4000)
         self._incarnations: dict[str, int] = {}
+        self.reserved: set[int] = set()         # IDs of domains being restored/migrated in
+        self.relocation: tuple[str, int] | None = None
         if start_xenstored:
             self.ensure_xenstored()
             threading.Thread(target=self._supervise_xenstored, daemon=True,
@@ -244,7 +249,7 @@ class Pyxend:
                     where = wheres.get(d.devid)
                     raise ToolstackError(f"{where}: {e}" if where else str(e),
                                          e.status) from None
-            domid = self.registry.allocate_domid(set(self.domains))
+            domid = self.registry.allocate_domid(set(self.domains) | self.reserved)
             for n in ncfgs:
                 try:
                     self._check_nic_conflicts(n, domid, None)
@@ -287,16 +292,28 @@ class Pyxend:
         spec_path = self.registry.spec_path(rec.domid)
         spec_path.write_text(json.dumps(spec))
         self.registry.save(rec)
+        proc, ready = self._start_vmm(rec, spec_path, [], (), READY_TIMEOUT)
+        if not ready.get("ok"):
+            raise ToolstackError(f"domain {rec.name!r}: {ready['error']}", 400)
+        rec.pid, rec.control, rec.console = ready["pid"], ready["control"], ready["console"]
+        live.proc = proc
+        self.registry.save(rec)
+
+    def _start_vmm(self, rec: DomainRecord, spec_path, argv: list[str],  # type: ignore[no-untyped-def]
+                   pass_fds: tuple, timeout: float) -> tuple[subprocess.Popen, dict]:
+        """Start ``python -m pyxen.vmm.process --spec SPEC ARGV`` detached and wait for its
+        ready line. A failed VMM is reaped and its reply has ``ok: false`` and ``error``."""
         r, w = os.pipe()
         try:
             proc = start_detached(
-                [sys.executable, "-m", "pyxen.vmm.process", "--spec", str(spec_path),
+                [sys.executable, "-m", "pyxen.vmm.process", "--spec", str(spec_path), *argv,
                  "--ready-fd", str(w)],
-                os.path.join(self.paths.log_dir, f"vmm-{rec.domid}.log"), pass_fds=(w,))
+                os.path.join(self.paths.log_dir, f"vmm-{rec.domid}.log"),
+                pass_fds=(w, *pass_fds))
         finally:
             os.close(w)
         try:
-            line = _read_line(r, READY_TIMEOUT)
+            line = _read_line(r, timeout)
         finally:
             os.close(r)
         try:
@@ -307,12 +324,10 @@ class Pyxend:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            why = ready.get("error") or (f"VMM exited with status {proc.returncode}; see "
-                                         f"{self.paths.log_dir}/vmm-{rec.domid}.log")
-            raise ToolstackError(f"domain {rec.name!r}: {why}", 400)
-        rec.pid, rec.control, rec.console = ready["pid"], ready["control"], ready["console"]
-        live.proc = proc
-        self.registry.save(rec)
+            ready = {"ok": False, "error": ready.get("error") or (
+                f"VMM exited with status {proc.returncode}; see "
+                f"{self.paths.log_dir}/vmm-{rec.domid}.log")}
+        return proc, ready
 
     # ----------------------------------------------------------------- monitoring
     def _monitor(self, live: _Live) -> None:
@@ -698,6 +713,190 @@ class Pyxend:
         return self._device_rows(self.lookup(dom), "vif")
 
     # ----------------------------------------------------------------- queries
+    # ----------------------------------------------------------------- save, restore, migrate
+    @staticmethod
+    def _record_dict(live: _Live) -> dict:
+        r = live.rec
+        return {"name": r.name, "uuid": r.uuid, "config": r.config, "extra": r.extra}
+
+    def save(self, dom: str | int, path: str, keep: bool = False, paused: bool = False) -> dict:
+        """xl save: write the domain to ``path`` (absolute); destroy it unless ``keep``."""
+        live = self.lookup(dom)
+        self._require_live(live)
+        if not os.path.isabs(path):
+            raise ToolstackError(f"save: {path!r} is not an absolute path", 400)
+        live.destroying = not keep
+        try:
+            out = vmm_request(live.rec.control, {"op": "save", "path": path, "keep": keep,
+                                                 "paused": paused,
+                                                 "record": self._record_dict(live)},
+                              timeout=SAVE_TIMEOUT, error_status=400)
+        except BaseException:
+            live.destroying = False
+            raise
+        if not keep:
+            live.gone.wait(30)
+        self.printk(f"d{live.rec.domid} ({live.rec.name}): saved to {path} "
+                    f"({out.get('bytes_sent', 0) >> 20} MiB, paused {out.get('pause_ms')} ms)"
+                    + ("" if keep else "; destroyed"))
+        return out
+
+    def restore(self, path: str, paused: bool = False) -> DomainRecord:
+        """xl restore: rebuild the domain saved in ``path`` with its own domain ID (a
+        transparent restore keeps it: the guest's xenstore paths name it)."""
+        from pyxen.migration.stream import DOMAIN_CONFIG, StreamError, StreamReader, parse_json
+        if not os.path.isabs(path):
+            raise ToolstackError(f"restore: {path!r} is not an absolute path", 400)
+        reader = StreamReader()
+        config = None
+        try:
+            with open(path, "rb") as f:
+                while config is None:
+                    data = f.read(65536)
+                    if not data:
+                        reader.finish()
+                        break
+                    for rec in reader.feed(data):
+                        if rec.type != DOMAIN_CONFIG:
+                            raise rec.error("the stream must start with DOMAIN_CONFIG")
+                        config = parse_json(rec)
+                        break
+        except OSError as e:
+            raise ToolstackError(f"restore: {path}: {e.strerror}", 400) from None
+        except StreamError as e:
+            raise ToolstackError(f"restore: {path}: {e}", 400) from None
+        rec = self._reserve(config)
+        try:
+            self._spawn_restored(rec, ["--restore", path], (), paused)
+        finally:
+            with self.lock:
+                self.reserved.discard(rec.domid)
+        self.printk(f"d{rec.domid} ({rec.name}): restored from {path}"
+                    + (" (paused)" if paused else ""))
+        self._monitor(self.domains[rec.domid])
+        return rec
+
+    def _reserve(self, config: dict) -> DomainRecord:
+        """Check that this host can take the domain described by a DOMAIN_CONFIG record
+        and reserve its ID. ToolstackError (409/400) with the reason otherwise."""
+        spec = config.get("spec") if isinstance(config, dict) else None
+        record = config.get("record") or {} if isinstance(config, dict) else {}
+        if not isinstance(spec, dict) or not isinstance(record, dict):
+            raise ToolstackError("the domain config has no spec", 400)
+        try:
+            domid, name, dom_uuid = int(spec["domid"]), str(spec["name"]), str(spec["uuid"])
+        except (KeyError, TypeError, ValueError):
+            raise ToolstackError("the domain config lacks domid/name/uuid", 400) from None
+        with self.lock:
+            if domid in self.domains or domid in self.reserved:
+                raise ToolstackError(f"domain ID {domid} is in use here (the domain keeps "
+                                     "its ID)", 409)
+            if name == "Domain-0" or any(lv.rec.name == name for lv in self.domains.values()):
+                raise ToolstackError(f"domain name {name!r} is already in use here", 409)
+            self.reserved.add(domid)
+        cfg = record.get("config") or {k: spec.get(k) for k in ("name", "memory", "vcpus",
+                                                                "kernel", "ramdisk", "cmdline")}
+        return DomainRecord(domid=domid, name=name, uuid=dom_uuid, config=dict(cfg, name=name),
+                            created=time.time(), extra=record.get("extra") or {
+                                "disks": spec.get("disks", []), "nics": spec.get("nics", [])})
+
+    def _spawn_restored(self, rec: DomainRecord, argv: list[str], pass_fds: tuple,
+                        paused: bool) -> None:
+        """Start a VMM that rebuilds ``rec``'s domain from a stream; register it when the
+        VMM reports it running. ToolstackError (nothing kept) if it fails."""
+        local = {"domid": rec.domid, "run_dir": self.paths.vmm_run_dir,
+                 "log_dir": self.paths.log_dir, "xenstored": self.paths.xenstored_socket,
+                 "paused": paused}
+        spec_path = self.registry.spec_path(rec.domid)
+        spec_path.write_text(json.dumps(local))
+        proc, ready = self._start_vmm(rec, spec_path, argv, pass_fds, RESTORE_TIMEOUT)
+        if not ready.get("ok"):
+            self.registry.remove(rec.domid)
+            raise ToolstackError(ready["error"], 400)
+        rec.pid, rec.control, rec.console = ready["pid"], ready["control"], ready["console"]
+        live = _Live(rec, proc=proc)
+        with self.lock:
+            self.domains[rec.domid] = live
+        self.registry.save(rec)
+
+    def migrate(self, dom: str | int, host: str, port: int | None = None) -> dict:
+        """Live-migrate a domain to the pyxend relocation service at ``host``:``port``.
+        Returns the VMM's summary; the domain is then gone from here."""
+        from pyxen.migration.channel import DEFAULT_PORT
+        live = self.lookup(dom)
+        self._require_live(live)
+        port = port or DEFAULT_PORT
+        live.destroying = True                  # the VMM exits by itself if it succeeds
+        try:
+            out = vmm_request(live.rec.control, {"op": "migrate", "host": host, "port": port,
+                                                 "record": self._record_dict(live)},
+                              timeout=MIGRATE_TIMEOUT, error_status=502)
+        except BaseException as e:
+            live.destroying = False
+            self.printk(f"d{live.rec.domid} ({live.rec.name}): migration to {host}:{port} "
+                        f"failed: {e}")
+            raise
+        live.gone.wait(30)
+        self.printk(f"d{live.rec.domid} ({live.rec.name}): migrated to {host}:{port} "
+                    f"(pause {out.get('pause_ms')} ms, {out.get('rounds')} rounds)")
+        return out
+
+    def migration_status(self, dom: str | int) -> dict:
+        return vmm_call(self.lookup(dom).rec.control, "migrate_status").get("migration", {})
+
+    def serve_relocation(self, host: str, port: int) -> None:
+        """Accept live migrations on TCP ``host``:``port`` (a thread per connection)."""
+        import socket
+        ls = socket.create_server((host, port), reuse_port=False)
+        self.relocation = ls.getsockname()[:2]
+        log.info("relocation service on %s:%d", *self.relocation)
+
+        def loop() -> None:
+            while True:
+                try:
+                    conn, addr = ls.accept()
+                except OSError:
+                    return
+                threading.Thread(target=self._incoming, args=(conn, addr), daemon=True,
+                                 name="migrate-in").start()
+        threading.Thread(target=loop, daemon=True, name="relocation").start()
+
+    def _incoming(self, conn, addr) -> None:  # type: ignore[no-untyped-def]
+        """One incoming migration: check the request, reserve the ID, hand the connection
+        to a new VMM in receive mode, register the domain once it runs here."""
+        from pyxen.migration.channel import PROTOCOL, Channel, ChannelError
+        ch = Channel(conn, f"{addr[0]}:{addr[1]}")
+        try:
+            hello = ch.recv_json(15, "the request")
+            if hello.get("pyxen-migrate") != PROTOCOL:
+                raise ToolstackError(f"protocol {hello.get('pyxen-migrate')!r} (this host "
+                                     f"speaks {PROTOCOL})", 400)
+            if hello.get("mode", "transparent") != "transparent":
+                raise ToolstackError(f"migration mode {hello.get('mode')!r} is not "
+                                     "supported here", 400)
+            rec = self._reserve(hello.get("config") or {})
+        except (ToolstackError, ChannelError) as e:
+            log.warning("incoming migration from %s refused: %s", ch.peer, e)
+            try:
+                ch.send_json({"ok": False, "error": str(e)})
+            except ChannelError:
+                pass
+            ch.close()
+            return
+        try:
+            ch.send_json({"ok": True})
+            fd = conn.fileno()
+            self._spawn_restored(rec, ["--receive-fd", str(fd)], (fd,), False)
+        except (ToolstackError, ChannelError, OSError) as e:
+            self.printk(f"incoming migration of {rec.name} from {ch.peer} failed: {e}")
+            return
+        finally:
+            ch.close()
+            with self.lock:
+                self.reserved.discard(rec.domid)
+        self.printk(f"d{rec.domid} ({rec.name}): migrated in from {ch.peer}")
+        self._monitor(self.domains[rec.domid])
+
     def domain_info(self, dom: str | int) -> dict:
         live = self.lookup(dom)
         if not live.rec.control:                    # its VMM is still building it
