@@ -19,6 +19,9 @@ command -v xenstore-read >/dev/null || need+=(xenstore-utils)
 # qcow2 (and other QEMU formats) disks: qemu-storage-daemon exports them as raw files (FUSE)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
+# network namespaces for the two-host migration tests and examples/migrate-pair.sh
+command -v ip >/dev/null || need+=(iproute2)
+command -v e2fsck >/dev/null || need+=(e2fsprogs)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
     echo "pyxen setup: installing ${need[*]}" >&2

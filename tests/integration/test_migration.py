@@ -262,3 +262,27 @@ def test_bad_save_files_are_refused_and_create_nothing(pair, guest, tmp_path):
     time.sleep(1)
     assert _check_counter(host, name) > 0
     _start_loop(host, name)
+
+
+def test_migrate_copying_storage(pair, guest):
+    """--copy-storage: the disk travels in the stream (hosts without shared storage); the
+    guest goes on writing during pre-copy and nothing is lost; the copy checks clean."""
+    name, img = guest
+    src = _where(pair, name)
+    dst = pair.b if src is pair.a else pair.a
+    r = src.px("migrate", "--copy-storage", name, dst.address, timeout=300)
+    assert "Migrated" in r.stderr, r.stderr
+    st, rows = dst.api("GET", f"/v1/domains/{name}/disks")
+    assert st == 200, rows
+    target = rows[0]["target"]
+    assert target != str(img) and target.startswith(dst.base), target
+    assert _check_counter(dst, name) > 0
+    assert "UMOUNT=1" in dst.sh(name, "umount /mnt && echo UMOUNT=$((0+1))")
+    fsck = subprocess.run(["e2fsck", "-fn", target], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    dst.sh(name, "mount -t ext2 /dev/xvdb /mnt")
+    _start_loop(dst, name)
+    # and back, on (now shared) storage: both "hosts" see the copy's path
+    dst.px("migrate", name, src.address, timeout=300)
+    assert _check_counter(src, name) > 0
+    _start_loop(src, name)

@@ -26,6 +26,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 
@@ -49,6 +50,34 @@ class DiskError(ConfigError):
     """A disk cannot be used (missing file, bad format, in use); names the spec."""
 
 
+#: granularity of the write log (bytes)
+WRITE_LOG_CHUNK = 1 << 16
+_write_logs: dict[str, set[int]] = {}
+_write_logs_lock = threading.Lock()
+
+
+def start_write_log(path: str) -> None:
+    """Record which WRITE_LOG_CHUNK-sized chunks of the image at ``path`` this process's
+    backends write or discard from now on (live migration with disk copy). Any thread."""
+    with _write_logs_lock:
+        _write_logs[os.path.realpath(path)] = set()
+
+
+def fetch_write_log(path: str) -> set[int]:
+    """Chunk indices written since the last fetch (or start); clears them."""
+    key = os.path.realpath(path)
+    with _write_logs_lock:
+        out = _write_logs.get(key, set())
+        if key in _write_logs:
+            _write_logs[key] = set()
+        return out
+
+
+def stop_write_log(path: str) -> None:
+    with _write_logs_lock:
+        _write_logs.pop(os.path.realpath(path), None)
+
+
 class DiskImage:
     """An open raw disk at ``path`` (read-only if ``readonly``). Thread-safe: every call is
     one positioned system call on a shared descriptor."""
@@ -56,6 +85,7 @@ class DiskImage:
     def __init__(self, path: str, *, readonly: bool = False, spec: str | None = None) -> None:
         self.path = path
         self.readonly = readonly
+        self._log_key = os.path.realpath(path)
         what = spec or path
         try:
             self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
@@ -80,6 +110,16 @@ class DiskImage:
 
     def writev(self, views: Sequence[memoryview], offset: int) -> None:
         self._all(os.pwritev, views, offset)
+        if _write_logs:
+            self._logged(offset, sum(v.nbytes for v in views))
+
+    def _logged(self, offset: int, length: int) -> None:
+        """After a write or discard completed: note its chunks in the write log, if any."""
+        with _write_logs_lock:
+            log = _write_logs.get(self._log_key)
+            if log is not None and length > 0:
+                log.update(range(offset // WRITE_LOG_CHUNK,
+                                 (offset + length - 1) // WRITE_LOG_CHUNK + 1))
 
     def _all(self, fn, views: Sequence[memoryview], offset: int) -> None:  # type: ignore[no-untyped-def]
         views = list(views)
@@ -102,11 +142,12 @@ class DiskImage:
         for files."""
         if self.is_block:
             fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("<QQ", offset, length))
-            return
-        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                           offset, length) != 0:
+        elif _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                             offset, length) != 0:
             e = ctypes.get_errno()
             raise OSError(e, f"{self.path}: punch hole: {os.strerror(e)}")
+        if _write_logs:
+            self._logged(offset, length)
 
     def close(self) -> None:
         """Close the image (idempotent: the descriptor number is never closed twice)."""

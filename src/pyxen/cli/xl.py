@@ -334,7 +334,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     def run() -> None:
         try:
-            result["out"] = api.post(f"/domains/{dom}/migrate", {"host": host, "port": port})
+            result["out"] = api.post(f"/domains/{dom}/migrate", {
+                "host": host, "port": port, "copy_storage": args.copy_storage})
         except BaseException as e:               # shown by the main thread
             result["error"] = e
     t = threading.Thread(target=run, daemon=True)
@@ -556,6 +557,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(its relocation service, pyxend --relocation)")
     mg.add_argument("--port", type=int, default=None, help="relocation port (default 8002)")
     mg.add_argument("-q", dest="quiet", action="store_true", help="no progress display")
+    mg.add_argument("--copy-storage", action="store_true",
+                    help="send the disk images too (hosts without shared storage); the "
+                         "target keeps them in its state directory")
     mg.add_argument("domain")
     mg.add_argument("host", help="HOST or HOST:PORT")
     mg.set_defaults(func=cmd_migrate)

@@ -11,6 +11,7 @@ thread that is not a vCPU.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable
 
@@ -46,16 +47,34 @@ class XenstoredHooks:
 
 def migrate_out(vmm, config: dict, host: str, port: int, xenstore: XenstoredHooks,  # type: ignore[no-untyped-def]
                 progress: Callable[[dict], None] | None = None, *,
-                max_rounds: int = MAX_ROUNDS, mode: str = "transparent") -> dict:
-    """Send the domain to the pyxend relocation service at ``host``:``port``."""
+                max_rounds: int = MAX_ROUNDS, mode: str = "transparent",
+                copy_storage: bool = False) -> dict:
+    """Send the domain to the pyxend relocation service at ``host``:``port``. With
+    ``copy_storage`` its (raw) disk images travel in the stream, for hosts that share no
+    storage; otherwise the target must see the same image paths."""
     t0 = time.monotonic()
+    copies: list[tuple[int, str]] = []
+    if copy_storage and vmm.devices is not None:
+        entries = []
+        with vmm.devices.lock:
+            disks = list(vmm.devices.disks.values())
+        for cfg, _be, _export in disks:
+            if cfg.format != "raw":
+                raise MigrationError(f"disk {cfg.vdev}: copying storage supports raw images, "
+                                     f"not {cfg.format}")
+            copies.append((cfg.devid, cfg.target))
+            entries.append({"devid": cfg.devid, "vdev": cfg.vdev,
+                            "size": os.path.getsize(cfg.target)})
+        config = dict(config, copy_storage=entries)
     ch = connect(host, port)
     try:
-        ch.send_json({"pyxen-migrate": PROTOCOL, "config": config, "mode": mode})
+        ch.send_json({"pyxen-migrate": PROTOCOL, "config": config, "mode": mode,
+                      "copy_storage": bool(copies)})
         ans = ch.recv_json(HELLO_TIMEOUT, "the request")
         if not ans.get("ok"):
             raise MigrationError(f"{ch.peer} refused the domain: {ans.get('error', 'no reason')}")
-        saver = DomainSaver(vmm, config, FdSink(ch.sock.fileno()), xenstore, progress=progress)
+        saver = DomainSaver(vmm, config, FdSink(ch.sock.fileno()), xenstore, progress=progress,
+                            copy_disks=copies)
         try:
             saver.send_header()
             saver.precopy(max_rounds=max_rounds)

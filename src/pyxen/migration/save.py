@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from pyxen.backends.disk import (WRITE_LOG_CHUNK, fetch_write_log, start_write_log,
+                                 stop_write_log)
 from pyxen.core.memory import PAGE, GuestMemory
 from pyxen.errors import PyxenError
 from pyxen.migration import stream as S
@@ -39,6 +41,7 @@ NO_PROGRESS_ROUNDS = 3
 #: ... or when this many times the domain's memory has been sent
 MAX_VOLUME = 3.0
 _IOV_MAX = 1024
+_DISK_PIECE = 1 << 20          # bytes per DISK_DATA record
 
 
 class MigrationError(PyxenError):
@@ -120,7 +123,8 @@ class DomainSaver:
     """
 
     def __init__(self, vmm, config: dict, sink: Sink, xenstore: XenstoreHooks, *,  # type: ignore[no-untyped-def]
-                 progress: Callable[[dict], None] | None = None) -> None:
+                 progress: Callable[[dict], None] | None = None,
+                 copy_disks: list[tuple[int, str]] | None = None) -> None:
         self.vmm = vmm
         self.mem: GuestMemory = vmm.domain.memory
         self.config = config
@@ -134,6 +138,8 @@ class DomainSaver:
         self._frozen = False
         self._timers_held = False
         self._carry: set[int] = set()
+        #: (devid, image path) of disks sent in the stream (hosts without shared storage)
+        self.copy_disks = copy_disks or []
         self._frames = self.mem.guest_frames()
         self.total_pages = sum(n for _b, n in self._frames)
 
@@ -182,10 +188,64 @@ class DomainSaver:
                            "bytes": self.stats.bytes_sent, "rate_mib_s": round(rate, 1),
                            **kw})
 
+    # ----------------------------------------------------------------- disk copy
+    def send_disks(self) -> None:
+        """Start the disks' write logs, then send every allocated, non-zero extent."""
+        for devid, path in self.copy_disks:
+            start_write_log(path)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                for off, length in _data_extents(fd, size):
+                    self._send_disk_range(fd, devid, off, length)
+            finally:
+                os.close(fd)
+            self._report("disks", devid=devid)
+
+    def send_disk_changes(self) -> int:
+        """Send the chunks the guest wrote since the last call; returns how many."""
+        n = 0
+        for devid, path in self.copy_disks:
+            chunks = sorted(fetch_write_log(path))
+            if not chunks:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = os.fstat(fd).st_size
+                for c in chunks:
+                    off = c * WRITE_LOG_CHUNK
+                    self._send_disk_range(fd, devid, off, min(WRITE_LOG_CHUNK, size - off),
+                                          zeroes_too=True)
+            finally:
+                os.close(fd)
+            n += len(chunks)
+        return n
+
+    def _send_disk_range(self, fd: int, devid: int, off: int, length: int,
+                         zeroes_too: bool = False) -> None:
+        end = off + length
+        while off < end:
+            n = min(_DISK_PIECE, end - off)
+            data = os.pread(fd, n, off)
+            if len(data) < n:
+                data += bytes(n - len(data))
+            if data.count(0) == n:
+                if zeroes_too:
+                    self._send([S.encode_disk_data(devid, off, None, n)])
+            else:
+                self._send([S.encode_disk_data(devid, off, data)])
+            off += n
+
+    def _stop_disk_logs(self) -> None:
+        for _devid, path in self.copy_disks:
+            stop_write_log(path)
+
     # ----------------------------------------------------------------- live rounds
     def precopy(self, *, max_rounds: int = MAX_ROUNDS, stop_pages: int = STOP_PAGES) -> None:
         """Iterative pre-copy while the guest runs. Returns when the next round would be
         small enough (or no better) to send with the domain paused."""
+        if self.copy_disks:
+            self.send_disks()
         self.mem.set_dirty_logging(True)
         pfns = self._all_frames()
         best, stale = len(pfns), 0
@@ -193,6 +253,8 @@ class DomainSaver:
             self.stats.rounds += 1
             t0 = time.monotonic()
             self.send_pages(pfns, snapshot=True)
+            if self.copy_disks:
+                self.send_disk_changes()
             dt = max(1e-6, time.monotonic() - t0)
             dirty = sorted(self.mem.fetch_dirty())
             self.stats.dirty_history.append(len(dirty))
@@ -269,6 +331,10 @@ class DomainSaver:
             pfns_list = self._all_frames()
         self.stats.dirty_history.append(len(pfns_list))
         self.stats.step("dirty-log")
+        if self.copy_disks:                  # the backends are stopped: this is the last
+            self.send_disk_changes()
+            self._stop_disk_logs()
+            self.stats.step("disks")
         self.send_pages(pfns_list, snapshot=False)
         self.stats.step("pages")
         parts: list[bytes | memoryview] = []
@@ -300,6 +366,7 @@ class DomainSaver:
         dirty logging, and unpause if the domain was running. Errors are logged: this runs
         on a failure path and must get the domain going again if at all possible."""
         d = self.vmm.domain
+        self._stop_disk_logs()
         if self.mem.dirty_logging:
             try:
                 self.mem.set_dirty_logging(False)
@@ -324,3 +391,21 @@ class DomainSaver:
             self._quiesced = False
             if self._was_running:
                 d.unpause()
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the allocated parts of a file (SEEK_DATA/SEEK_HOLE); the whole
+    file where the filesystem cannot tell."""
+    out, off = [], 0
+    try:
+        while off < size:
+            try:
+                start = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:                   # ENXIO: no data after off
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, min(end, size) - start))
+            off = end
+    except OSError:
+        return [(0, size)]
+    return out

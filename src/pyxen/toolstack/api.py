@@ -84,6 +84,9 @@ class RestoreRequest(BaseModel):
 class MigrateRequest(BaseModel):
     host: str = Field(description="the target pyxend's relocation address")
     port: int | None = Field(None, ge=1, le=65535, description="its port (default 8002)")
+    copy_storage: bool = Field(False, description="send the (raw) disk images too, for hosts "
+                               "that share no storage (xl migrate has no such option; "
+                               "libvirt's --copy-storage-all)")
 
 
 def make_app(daemon: Pyxend) -> FastAPI:
@@ -214,7 +217,7 @@ def make_app(daemon: Pyxend) -> FastAPI:
                       "returns when it is done, with the summary")
     def migrate(dom: str, req: MigrateRequest) -> dict:
         _not_dom0(dom)
-        return daemon.migrate(dom, req.host, req.port)
+        return daemon.migrate(dom, req.host, req.port, copy_storage=req.copy_storage)
 
     @app.get(p + "/domains/{dom}/migrate", summary="progress of a running migration")
     def migrate_status(dom: str) -> dict:

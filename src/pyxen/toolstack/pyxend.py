@@ -801,12 +801,12 @@ class Pyxend:
                                 "disks": spec.get("disks", []), "nics": spec.get("nics", [])})
 
     def _spawn_restored(self, rec: DomainRecord, argv: list[str], pass_fds: tuple,
-                        paused: bool) -> None:
+                        paused: bool, disk_dir: str | None = None) -> None:
         """Start a VMM that rebuilds ``rec``'s domain from a stream; register it when the
         VMM reports it running. ToolstackError (nothing kept) if it fails."""
         local = {"domid": rec.domid, "run_dir": self.paths.vmm_run_dir,
                  "log_dir": self.paths.log_dir, "xenstored": self.paths.xenstored_socket,
-                 "paused": paused}
+                 "paused": paused, "disk_dir": disk_dir}
         spec_path = self.registry.spec_path(rec.domid)
         spec_path.write_text(json.dumps(local))
         proc, ready = self._start_vmm(rec, spec_path, argv, pass_fds, RESTORE_TIMEOUT)
@@ -814,12 +814,15 @@ class Pyxend:
             self.registry.remove(rec.domid)
             raise ToolstackError(ready["error"], 400)
         rec.pid, rec.control, rec.console = ready["pid"], ready["control"], ready["console"]
+        if isinstance(ready.get("spec"), dict):          # e.g. disk copies' new paths
+            rec.extra["disks"] = ready["spec"].get("disks", rec.extra.get("disks", []))
         live = _Live(rec, proc=proc)
         with self.lock:
             self.domains[rec.domid] = live
         self.registry.save(rec)
 
-    def migrate(self, dom: str | int, host: str, port: int | None = None) -> dict:
+    def migrate(self, dom: str | int, host: str, port: int | None = None,
+                copy_storage: bool = False) -> dict:
         """Live-migrate a domain to the pyxend relocation service at ``host``:``port``.
         Returns the VMM's summary; the domain is then gone from here."""
         from pyxen.migration.channel import DEFAULT_PORT
@@ -829,6 +832,7 @@ class Pyxend:
         live.destroying = True                  # the VMM exits by itself if it succeeds
         try:
             out = vmm_request(live.rec.control, {"op": "migrate", "host": host, "port": port,
+                                                 "copy_storage": copy_storage,
                                                  "record": self._record_dict(live)},
                               timeout=MIGRATE_TIMEOUT, error_status=502)
         except BaseException as e:
@@ -875,6 +879,10 @@ class Pyxend:
                 raise ToolstackError(f"migration mode {hello.get('mode')!r} is not "
                                      "supported here", 400)
             rec = self._reserve(hello.get("config") or {})
+            disk_dir = None
+            if hello.get("copy_storage"):
+                disk_dir = os.path.join(self.paths.state_dir, "disks")
+                os.makedirs(disk_dir, exist_ok=True)
         except (ToolstackError, ChannelError) as e:
             log.warning("incoming migration from %s refused: %s", ch.peer, e)
             try:
@@ -886,7 +894,8 @@ class Pyxend:
         try:
             ch.send_json({"ok": True})
             fd = conn.fileno()
-            self._spawn_restored(rec, ["--receive-fd", str(fd)], (fd,), False)
+            self._spawn_restored(rec, ["--receive-fd", str(fd)], (fd,), False,
+                                 disk_dir=disk_dir)
         except (ToolstackError, ChannelError, OSError) as e:
             self.printk(f"incoming migration of {rec.name} from {ch.peer} failed: {e}")
             return

@@ -55,6 +55,7 @@ OPS = ("info", "pause", "unpause", "shutdown", "destroy", "rename", "subscribe",
 DEVICE_KINDS = ("vbd", "vif")
 #: VmmSpec fields that belong to the host, not the domain (not sent in a save/migration)
 HOST_LOCAL = ("run_dir", "log_dir", "xenstored", "paused")
+# (``disk_dir``, in a receiving VMM's local spec: where copied disk images go)
 _CONSOLE_CLIENT_MAX = 1 << 20          # bytes queued for a console client before it is cut
 
 
@@ -522,7 +523,8 @@ class VmmProcess:
         def run() -> dict:
             try:
                 out = migrate_out(self.vmm, config, host, port, hooks, progress,
-                                  max_rounds=int(req.get("max_rounds") or MAX_ROUNDS))
+                                  max_rounds=int(req.get("max_rounds") or MAX_ROUNDS),
+                                  copy_storage=bool(req.get("copy_storage")))
             except PyxenError as e:
                 self.migration = {**self.migration, "phase": "failed", "error": str(e)}
                 raise
@@ -698,6 +700,17 @@ def _main_restore(args: argparse.Namespace, local: dict, console, holder: dict, 
         raw = config.get("spec")
         if not isinstance(raw, dict):
             raise ValueError("no spec in the domain config")
+        copies = config.get("copy_storage")
+        if copies:
+            if not local.get("disk_dir"):
+                raise ValueError("the stream carries disk images but this host was not "
+                                 "asked to receive them")
+            wanted = {int(c["devid"]) for c in copies}
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            raw = dict(raw, disks=[
+                dict(d, target=os.path.join(local["disk_dir"],
+                                            f"{raw.get('name')}.{d.get('vdev')}.{stamp}.img"))
+                if int(d.get("devid", -1)) in wanted else d for d in raw.get("disks", [])])
         spec = VmmSpec.from_dict({**raw, **{k: local[k] for k in HOST_LOCAL if k in local}})
         want = local.get("domid")
         if want is not None and spec.domid != want:

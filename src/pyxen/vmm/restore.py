@@ -14,6 +14,7 @@ Runs in the VMM process that will own the domain; one thread.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable
 
@@ -73,6 +74,8 @@ class DomainRestorer:
         self._regions: list = []
         #: duration of each step of :meth:`finish`, ms
         self.steps: dict[str, float] = {}
+        self._disk_fds: dict[int, tuple[int, int]] = {}     # devid -> (fd, size): disk copy
+        self.created_files: list[str] = []
 
     # ----------------------------------------------------------------- input
     def feed(self, data: bytes | memoryview) -> None:
@@ -109,7 +112,18 @@ class DomainRestorer:
                 raise self._fail(rec, "appears twice")
             self.json[t] = (S.parse_json(rec), rec)
         elif t == S.DISK_DATA:
-            raise self._fail(rec, "disk data without a disk-copy migration")
+            devid, off, length, data = S.parse_disk_data(rec)
+            target = self._disk_fds.get(devid)
+            if target is None:
+                raise self._fail(rec, f"disk data for device {devid}, which is not copied")
+            fd, size = target
+            if off + length > size:
+                raise self._fail(rec, f"disk data at {off}+{length} beyond the {size}-byte "
+                                 f"disk {devid}")
+            try:
+                os.pwrite(fd, data if data is not None else bytes(length), off)
+            except OSError as e:
+                raise self._fail(rec, f"writing disk {devid}: {e.strerror}") from None
         elif t == S.END:
             self.ended = True
 
@@ -135,6 +149,8 @@ class DomainRestorer:
                              f"has {have!r}")
         self.config, self.cfg = config, cfg
         self._regions = [r for r in self.vmm.domain.memory.regions if r.kind != "xenpage"]
+        if config.get("copy_storage"):
+            self._create_disk_copies(rec, config["copy_storage"])
         # open images, make TAPs now, while pre-copy runs: not during the pause
         self.vmm.devices = device_manager(self.vmm, cfg)
         try:
@@ -143,6 +159,30 @@ class DomainRestorer:
         except (PyxenError, OSError) as e:
             self.discard()
             raise self._fail(rec, f"devices: {e}") from None
+
+    def _create_disk_copies(self, rec: S.Record, copies: object) -> None:
+        """Create the (new, sparse) images a disk-copying migration fills; their paths are
+        the config's disk targets (this host's, see ``make_config``)."""
+        assert self.cfg is not None
+        sizes = {}
+        try:
+            for c in copies:                                   # type: ignore[attr-defined]
+                sizes[int(c["devid"])] = int(c["size"])
+        except (TypeError, KeyError, ValueError):
+            raise self._fail(rec, f"bad copy_storage list {copies!r}") from None
+        for d in self.cfg.disks:
+            if d.devid not in sizes:
+                continue
+            try:
+                fd = os.open(d.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o600)
+            except OSError as e:
+                self.discard()
+                raise self._fail(rec, f"cannot create the disk copy {d.target}: "
+                                 f"{e.strerror}") from None
+            self.created_files.append(d.target)
+            os.ftruncate(fd, sizes[d.devid])
+            self._disk_fds[d.devid] = (fd, sizes[d.devid])
 
     def _pages(self, rec: S.Record) -> None:
         entries = S.parse_page_data(rec)
@@ -215,6 +255,11 @@ class DomainRestorer:
             connect_platform(vmm, cfg, populate=False)
             step("platform")
             devices, drec = self.json[S.DEVICES]
+            self._close_disk_fds()
+            local = {d.devid: d.target for d in cfg.disks}
+            for d in devices.get("disks", []):
+                if isinstance(d, dict) and d.get("devid") in self._copied_or_none():
+                    d["target"] = local[d["devid"]]
             try:
                 vmm.devices.restore(devices)       # type: ignore[union-attr]
             except (PyxenError, ValueError, TypeError) as e:
@@ -245,8 +290,25 @@ class DomainRestorer:
     def was_running(self) -> bool:
         return bool(self.json.get(S.XEN_STATE, ({}, None))[0].get("was_running", True))
 
+    def _copied_or_none(self) -> set[int]:
+        raw = (self.config or {}).get("copy_storage") or []
+        return {int(c["devid"]) for c in raw}
+
+    def _close_disk_fds(self) -> None:
+        fds, self._disk_fds = self._disk_fds, {}
+        for fd, _size in fds.values():
+            os.close(fd)
+
     def discard(self, release: bool = False) -> None:
-        """Throw the half-built domain away (and, with ``release``, its xenstore nodes)."""
+        """Throw the half-built domain away (and, with ``release``, its xenstore nodes);
+        disk copies this restore created are deleted."""
+        self._close_disk_fds()
+        for path in self.created_files:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.created_files = []
         vmm, self.vmm = self.vmm, None
         if vmm is None:
             return
