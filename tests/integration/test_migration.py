@@ -286,3 +286,18 @@ def test_migrate_copying_storage(pair, guest):
     dst.px("migrate", name, src.address, timeout=300)
     assert _check_counter(src, name) > 0
     _start_loop(src, name)
+
+
+def test_example_migrate_pair_script():
+    """examples/migrate-pair.sh (one round trip) passes its own checks and cleans up."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("needs root and iproute2")
+    script = Path(__file__).resolve().parents[2] / "examples" / "migrate-pair.sh"
+    def namespaces() -> set[str]:
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return {line.split()[0] for line in out.splitlines() if line.strip()}
+    before = namespaces()
+    r = subprocess.run([str(script), "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "migrate-pair: OK" in r.stdout + r.stderr
+    assert not {n for n in namespaces() - before if n.startswith("pxm")}

@@ -117,7 +117,12 @@ class PyxenHost:
             for d in self.api("GET", "/v1/domains")[1]:
                 if d["domid"]:
                     self.api("DELETE", f"/v1/domains/{d['domid']}")
-            os.kill(info["pyxend_pid"], signal.SIGTERM)
+            pid = info["pyxend_pid"]
+            os.kill(pid, signal.SIGTERM)
+            # wait for it: its supervisor would restart a xenstored killed under it
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
         for pid in os.listdir("/proc"):
             if not pid.isdigit() or int(pid) == os.getpid():
                 continue
