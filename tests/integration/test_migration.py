@@ -301,3 +301,41 @@ def test_example_migrate_pair_script():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "migrate-pair: OK" in r.stdout + r.stderr
     assert not {n for n in namespaces() - before if n.startswith("pxm")}
+
+
+def test_migrate_with_guest_suspend(pair, guest):
+    """--mode suspend: Xen's cooperative protocol. The guest suspends itself
+    (control/shutdown = suspend), resumes in a new domain on the target and reconnects its
+    disk and NIC through xenbus; its counter loop goes on and it answers pings."""
+    name, _img = guest
+    src = _where(pair, name)
+    dst = pair.b if src is pair.a else pair.a
+    r = src.px("migrate", "--mode", "suspend", name, dst.address, timeout=300)
+    assert "Migrated" in r.stderr and "guest-suspend" in r.stderr, r.stderr
+    assert name in dst.names() and name not in src.names()
+    out = dst.sh(name, "dmesg | grep -c 'suspending xenstore'")
+    assert re.search(r"^[1-9]\d*\r?$", out, re.M), out         # the guest's own suspend ran
+    ping = str(Path(pair.base) / "ping-suspend.json")
+    pinger = pair.a.popen(sys.executable, "-m", "pyxen.testing.pinger", GUEST_IP, ping,
+                          "--interval", "0.5")
+    time.sleep(3)
+    pinger.send_signal(signal.SIGTERM)
+    pinger.wait(timeout=30)
+    result = json.loads(Path(ping).read_text())
+    assert result["received"] >= 3, result            # netfront reconnected
+    assert _check_counter(dst, name) > 0               # blkfront reconnected, nothing lost
+    _start_loop(dst, name)
+    dst.px("migrate", name, src.address, timeout=300)  # and back, transparently
+    assert name in src.names()
+
+
+def test_save_restore_with_guest_suspend(pair, guest, tmp_path):
+    name, _img = guest
+    host = _where(pair, name)
+    path = tmp_path / "suspended.save"
+    r = host.px("save", "--mode", "suspend", name, str(path))
+    assert "Saved" in r.stderr and name not in host.names()
+    host.px("restore", str(path))
+    time.sleep(1)
+    assert _check_counter(host, name) > 0
+    _start_loop(host, name)

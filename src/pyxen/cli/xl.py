@@ -304,7 +304,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     api = connect()
     out = api.post(f"/domains/{api.dom(args.domain)}/save",
                    {"path": os.path.abspath(args.file), "keep": args.keep,
-                    "paused": args.paused})
+                    "paused": args.paused, "mode": args.mode})
     assert isinstance(out, dict)
     print(f"Saved {args.domain} to {args.file}: {out.get('bytes_sent', 0) / (1 << 20):.1f} "
           f"MiB, {out.get('pages_sent', 0)} pages ({out.get('zero_pages', 0)} zero), "
@@ -335,7 +335,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     def run() -> None:
         try:
             result["out"] = api.post(f"/domains/{dom}/migrate", {
-                "host": host, "port": port, "copy_storage": args.copy_storage})
+                "host": host, "port": port, "copy_storage": args.copy_storage,
+                "mode": args.mode})
         except BaseException as e:               # shown by the main thread
             result["error"] = e
     t = threading.Thread(target=run, daemon=True)
@@ -366,6 +367,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if steps:
         print("Pause: " + ", ".join(f"{k} {v:g} ms" for k, v in steps.items()), file=sys.stderr)
     return 0
+
+
+MODE_HELP = ("transparent (default): pyxen stops the guest, which never notices; suspend: "
+             "the guest suspends itself (Xen's control/shutdown = suspend) and resumes in a "
+             "new domain, reconnecting its devices")
 
 
 def _progress_line(name: str, host: str, st: dict) -> str:
@@ -544,6 +550,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="leave the domain running after saving it")
     sv.add_argument("-p", dest="paused", action="store_true",
                     help="with -c: leave it paused")
+    sv.add_argument("--mode", choices=("transparent", "suspend"), default="transparent",
+                    help=MODE_HELP)
     sv.add_argument("domain")
     sv.add_argument("file")
     sv.set_defaults(func=cmd_save)
@@ -560,6 +568,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     mg.add_argument("--copy-storage", action="store_true",
                     help="send the disk images too (hosts without shared storage); the "
                          "target keeps them in its state directory")
+    mg.add_argument("--mode", choices=("transparent", "suspend"), default="transparent",
+                    help=MODE_HELP)
     mg.add_argument("domain")
     mg.add_argument("host", help="HOST or HOST:PORT")
     mg.set_defaults(func=cmd_migrate)

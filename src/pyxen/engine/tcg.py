@@ -83,8 +83,12 @@ def _parse_meta(raw: bytes) -> dict:  # type: ignore[type-arg]
     d = json.loads(raw.decode("utf-8"))
     keys = {"lapic", "halted", "halt_if", "started", "init_pending", "sipi_vector", "fault",
             "msrs"}
-    if not isinstance(d, dict) or set(d) != keys:
+    if not isinstance(d, dict) or not keys <= set(d) <= keys | {"pending_hypercall"}:
         raise ValueError("metadata: unexpected keys")
+    ph = d.setdefault("pending_hypercall", None)
+    if ph is not None and not (isinstance(ph, dict) and ph.get("via") in ("insn", "page")
+                               and type(ph.get("len")) is int and 1 <= ph["len"] <= 15):
+        raise ValueError("metadata: bad pending_hypercall")
     for k in ("halted", "halt_if", "started", "init_pending"):
         if not isinstance(d[k], bool):
             raise ValueError(f"metadata: {k} must be a bool")
@@ -862,9 +866,10 @@ class TcgVcpu(EngineVcpu):
         registers, segments, control/debug registers, FPU/SSE, the MSRs QEMU models, with
         this process's pointers zeroed) and JSON metadata: the LAPIC (armed timer start
         relative to the save, in ns), halted/halt_if/started/init_pending/sipi_vector, the
-        VMM-level MSRs and an exception still to be raised at the next entry. The exit-time
-        register copy is folded into the context first. Raises EngineError if an exit is
-        still pending or the VM is closed."""
+        VMM-level MSRs, an exception still to be raised at the next entry, and a hypercall
+        exit not yet completed (a guest parked in SCHEDOP_shutdown(suspend): whoever loads
+        the blob completes it). The exit-time register copy is folded into the context
+        first. Raises EngineError if another exit is still pending or the VM is closed."""
         vm = self.vm
         lib = vm.lib
         size = lib.uc_sysvm_context_data_size(vm.uc)
@@ -872,9 +877,10 @@ class TcgVcpu(EngineVcpu):
         with vm.exclusive():
             if vm._closed:
                 raise EngineError(f"tcg: vcpu{self.index}: the VM was closed")
-            if self._pending is not None:
+            pending = self._pending
+            if pending is not None and pending.kind is not ExitKind.HYPERCALL:
                 raise EngineError(f"tcg: vcpu{self.index}: cannot save with a "
-                                  f"{self._pending.kind.value} exit not completed")
+                                  f"{pending.kind.value} exit not completed")
             if self._regs_dirty:
                 self._load()
                 self._write_back(fault=False)      # a pending fault is kept in the metadata
@@ -895,6 +901,8 @@ class TcgVcpu(EngineVcpu):
                     "sipi_vector": self.sipi_vector, "fault": self._fault,
                     "msrs": sorted([k, v] for k, v in self._msrs.items()),
                 }
+                if pending is not None:          # a suspended guest: completed after load
+                    meta["pending_hypercall"] = {"via": pending.via, "len": self._insn_len}
         fmt = vm.engine.state_format.encode()
         meta_b = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
         return (_STATE_HEADER.pack(_STATE_MAGIC, _STATE_VERSION, len(fmt), size, len(meta_b))
@@ -949,8 +957,9 @@ class TcgVcpu(EngineVcpu):
                 raise EngineError(f"{what}: the CPU context is invalid")
             if vm.current is self:
                 vm.current = None             # the CPU holds the old state: reload at next use
-            self._pending = None
-            self._insn_len = 0
+            ph = st["pending_hypercall"]
+            self._pending = None if ph is None else Exit(ExitKind.HYPERCALL, via=ph["via"])
+            self._insn_len = 0 if ph is None else ph["len"]
             self._exit_regs = self._exit_sregs = None
             self._regs_dirty = False
             self._fault = st["fault"]

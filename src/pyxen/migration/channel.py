@@ -15,6 +15,9 @@ from pyxen.errors import PyxenError
 
 PROTOCOL = 1
 DEFAULT_PORT = 8002            # xend's relocation port
+#: socket buffer bound (bytes) on both ends: what pre-copy leaves queued in the kernel when
+#: the source pauses the guest is what the target must still work through during the pause
+STREAM_BUFFER = 256 << 10
 _LINE_MAX = 1 << 20
 
 
@@ -98,4 +101,10 @@ def connect(host: str, port: int, timeout: float = 5.0) -> Channel:
         raise ChannelError(f"cannot reach {host}:{port}: {e.strerror or e}") from None
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER)
     return Channel(sock, f"{host}:{port}")
+
+
+def bound_receive_buffer(sock: socket.socket) -> None:
+    """The target's side of :data:`STREAM_BUFFER`."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STREAM_BUFFER)

@@ -44,6 +44,21 @@ class XenstoredHooks:
         with XenstoreClient(self.path, timeout=10) as c:
             c.thaw_domain(domid)
 
+    def read(self, domid: int, key: str) -> bytes | None:
+        """The guest's ``key`` (relative to its home), or None."""
+        try:
+            with XenstoreClient(self.path, timeout=10) as c:
+                return c.try_read(f"/local/domain/{domid}/{key}")
+        except (OSError, ConnectionError, XenstoreError) as e:
+            raise MigrationError(f"xenstore: {e}") from None
+
+    def write(self, domid: int, key: str, value: str) -> None:
+        try:
+            with XenstoreClient(self.path, timeout=10) as c:
+                c.write(f"/local/domain/{domid}/{key}", value)
+        except (OSError, ConnectionError, XenstoreError) as e:
+            raise MigrationError(f"xenstore: {e}") from None
+
 
 def migrate_out(vmm, config: dict, host: str, port: int, xenstore: XenstoredHooks,  # type: ignore[no-untyped-def]
                 progress: Callable[[dict], None] | None = None, *,
@@ -53,6 +68,7 @@ def migrate_out(vmm, config: dict, host: str, port: int, xenstore: XenstoredHook
     ``copy_storage`` its (raw) disk images travel in the stream, for hosts that share no
     storage; otherwise the target must see the same image paths."""
     t0 = time.monotonic()
+    config = dict(config, mode=mode)
     copies: list[tuple[int, str]] = []
     if copy_storage and vmm.devices is not None:
         entries = []
@@ -74,7 +90,7 @@ def migrate_out(vmm, config: dict, host: str, port: int, xenstore: XenstoredHook
         if not ans.get("ok"):
             raise MigrationError(f"{ch.peer} refused the domain: {ans.get('error', 'no reason')}")
         saver = DomainSaver(vmm, config, FdSink(ch.sock.fileno()), xenstore, progress=progress,
-                            copy_disks=copies)
+                            copy_disks=copies, mode=mode)
         try:
             saver.send_header()
             saver.precopy(max_rounds=max_rounds)

@@ -42,6 +42,10 @@ NO_PROGRESS_ROUNDS = 3
 MAX_VOLUME = 3.0
 _IOV_MAX = 1024
 _DISK_PIECE = 1 << 20          # bytes per DISK_DATA record
+MODES = ("transparent", "suspend")
+#: the parts of a domain's xenstore home its guest writes (libxl gives it these)
+GUEST_OWNED = ("control", "data", "attr", "drivers", "feature", "error")
+SUSPEND_TIMEOUT = 30.0         # s a guest has to honour control/shutdown = suspend
 
 
 class MigrationError(PyxenError):
@@ -112,6 +116,8 @@ class SaveStats:
 class XenstoreHooks(Protocol):
     def export(self, domid: int, roots: list[str]) -> dict: ...
     def thaw(self, domid: int) -> None: ...
+    def read(self, domid: int, key: str) -> bytes | None: ...
+    def write(self, domid: int, key: str, value: str) -> None: ...
 
 
 class DomainSaver:
@@ -124,7 +130,8 @@ class DomainSaver:
 
     def __init__(self, vmm, config: dict, sink: Sink, xenstore: XenstoreHooks, *,  # type: ignore[no-untyped-def]
                  progress: Callable[[dict], None] | None = None,
-                 copy_disks: list[tuple[int, str]] | None = None) -> None:
+                 copy_disks: list[tuple[int, str]] | None = None,
+                 mode: str = "transparent") -> None:
         self.vmm = vmm
         self.mem: GuestMemory = vmm.domain.memory
         self.config = config
@@ -140,6 +147,11 @@ class DomainSaver:
         self._carry: set[int] = set()
         #: (devid, image path) of disks sent in the stream (hosts without shared storage)
         self.copy_disks = copy_disks or []
+        if mode not in MODES:
+            raise MigrationError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+        #: "transparent" (the VMM stops the guest) or "suspend" (the guest suspends itself)
+        self.mode = mode
+        self._suspended = False
         self._frames = self.mem.guest_frames()
         self.total_pages = sum(n for _b, n in self._frames)
 
@@ -274,8 +286,8 @@ class DomainSaver:
 
     # ----------------------------------------------------------------- the paused part
     def quiesce(self) -> None:
-        """Pause the vCPUs (parked, exits completed), stop the backends and freeze the
-        guest's xenstore connection. Raises MigrationError (after undoing what it did)."""
+        """Stop the guest -- park its vCPUs (transparent) or have it suspend itself
+        (suspend) -- then stop the backends. Raises MigrationError; :meth:`abort` undoes."""
         d = self.vmm.domain
         st = d.runstate.state
         if st not in ("running", "paused"):
@@ -283,14 +295,43 @@ class DomainSaver:
                                  "can be saved")
         self.stats.paused_at = time.monotonic()
         self._was_running = st == "running"
-        self._quiesced = True
-        if not d.quiesce(timeout=5.0):
-            raise MigrationError("a vCPU did not stop within 5 s")
-        self.stats.step("vcpus")
+        if self.mode == "suspend":
+            self._suspend_guest()
+            self.stats.step("guest-suspend")
+        else:
+            self._quiesced = True
+            if not d.quiesce(timeout=5.0):
+                raise MigrationError("a vCPU did not stop within 5 s")
+            self.stats.step("vcpus")
         if self.vmm.devices is not None:
             self._devices_suspended = True
             self.vmm.devices.suspend()
         self.stats.step("backends")
+
+    def _suspend_guest(self, timeout: float = SUSPEND_TIMEOUT) -> None:
+        """Xen's cooperative suspend: write ``control/shutdown = suspend`` and wait for the
+        guest's SCHEDOP_shutdown(SHUTDOWN_suspend). Its vCPU stays parked in that hypercall:
+        the target completes it with 0 (resumed in a new domain), :meth:`abort` with 1
+        (suspend cancelled)."""
+        d = self.vmm.domain
+        if self.xenstore.read(d.domid, "control/feature-suspend") != b"1":
+            raise MigrationError(f"domain {d.name} does not support suspend (no "
+                                 "control/feature-suspend): use the transparent mode")
+        if d.runstate.state == "paused":
+            raise MigrationError(f"domain {d.name} is paused: it cannot suspend itself")
+        self.xenstore.write(d.domid, "control/shutdown", "suspend")
+        if not d.wait_until(lambda: d.runstate.state != "running", timeout):
+            self.xenstore.write(d.domid, "control/shutdown", "")
+            raise MigrationError(f"domain {d.name} did not suspend within {timeout:g} s")
+        rs = d.runstate
+        if rs.state != "shutdown" or rs.reason != "suspend":
+            raise MigrationError(f"domain {d.name} went {rs.state} ({rs.reason}) instead of "
+                                 "suspending")
+        self._suspended = True
+        if not d.wait_until(lambda: all(
+                v.thread is None or not v.thread.is_alive() or v.index in d.parked
+                or v.parked_in_hypercall for v in d.vcpus), 5.0):
+            raise MigrationError("a vCPU did not stop within 5 s of the suspend")
 
     def final(self) -> None:
         """Quiesce (unless :meth:`quiesce` ran) and send everything else, ending with END.
@@ -299,7 +340,7 @@ class DomainSaver:
         Order matters: with the vCPUs parked and the backends stopped, the timers are held
         and xenstore frozen, so nothing changes the event state (shared_info, vcpu_info,
         LAPICs) while it is captured."""
-        if not self._quiesced:
+        if not (self._quiesced or self._suspended):
             self.quiesce()
         vmm, xd = self.vmm, self.vmm.xen
         domid = vmm.domain.domid
@@ -310,13 +351,24 @@ class DomainSaver:
                  f"/local/domain/0/backend/vbd/{domid}", f"/local/domain/0/backend/vif/{domid}"]
         if uuid:
             roots.append(f"/vm/{uuid}")
-        store = self.xenstore.export(domid, roots)
-        self._frozen = True
+        if self.mode == "suspend":
+            # the target starts a fresh tree and connection; what the guest itself wrote
+            # there (control/feature-*, data/, attr/, ...) it does not write again on resume
+            store = self.xenstore.export(domid, [f"/local/domain/{domid}/{sub}" for sub in
+                                                 GUEST_OWNED])
+            self._frozen = True
+        else:
+            store = self.xenstore.export(domid, roots)
+            self._frozen = True
         self.stats.step("xenstore")
         state = xd.save_state()
         state["core_vcpus"] = [{"online": v.online, "sipi_wait": v.sipi_wait,
-                                "initialised": v.initialised} for v in vmm.domain.vcpus]
+                                "initialised": v.initialised,
+                                "parked_in_hypercall": v.parked_in_hypercall}
+                               for v in vmm.domain.vcpus]
         state["was_running"] = self._was_running
+        state["suspended"] = self._suspended
+        state["system_time_ns"] = xd.clock.now_ns()
         if self.mem.dirty_logging:
             pfns = self.mem.fetch_dirty() | self._carry
             # written without the engine seeing it: rings xenstored and the console backend
@@ -391,6 +443,12 @@ class DomainSaver:
             self._quiesced = False
             if self._was_running:
                 d.unpause()
+        if self._suspended:                  # SCHEDOP_shutdown returns 1: cancelled
+            self._suspended = False
+            try:
+                d.resume_from_suspend(1)
+            except RuntimeError as e:
+                log.error("d%d: cannot cancel the suspend: %s", d.domid, e)
 
 
 def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:

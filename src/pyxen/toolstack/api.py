@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -74,6 +75,9 @@ class SaveRequest(BaseModel):
     path: str = Field(description="absolute path of the file to write")
     keep: bool = Field(False, description="leave the domain running afterwards (xl save -c)")
     paused: bool = Field(False, description="with keep: leave it paused (xl save -p)")
+    mode: Literal["transparent", "suspend"] = Field(
+        "transparent", description="transparent: pyxen stops the guest; suspend: the guest "
+        "suspends itself (control/shutdown = suspend) and resumes in a new domain")
 
 
 class RestoreRequest(BaseModel):
@@ -87,6 +91,8 @@ class MigrateRequest(BaseModel):
     copy_storage: bool = Field(False, description="send the (raw) disk images too, for hosts "
                                "that share no storage (xl migrate has no such option; "
                                "libvirt's --copy-storage-all)")
+    mode: Literal["transparent", "suspend"] = Field(
+        "transparent", description="as for save; suspend lets the domain take another ID")
 
 
 def make_app(daemon: Pyxend) -> FastAPI:
@@ -205,7 +211,7 @@ def make_app(daemon: Pyxend) -> FastAPI:
     @app.post(p + "/domains/{dom}/save", summary="save a domain to a file (xl save)")
     def save(dom: str, req: SaveRequest) -> dict:
         _not_dom0(dom)
-        return daemon.save(dom, req.path, keep=req.keep, paused=req.paused)
+        return daemon.save(dom, req.path, keep=req.keep, paused=req.paused, mode=req.mode)
 
     @app.post(f"{p}/restore", status_code=201, summary="restore a saved domain (xl restore)")
     def restore(req: RestoreRequest) -> dict:
@@ -217,7 +223,8 @@ def make_app(daemon: Pyxend) -> FastAPI:
                       "returns when it is done, with the summary")
     def migrate(dom: str, req: MigrateRequest) -> dict:
         _not_dom0(dom)
-        return daemon.migrate(dom, req.host, req.port, copy_storage=req.copy_storage)
+        return daemon.migrate(dom, req.host, req.port, copy_storage=req.copy_storage,
+                              mode=req.mode)
 
     @app.get(p + "/domains/{dom}/migrate", summary="progress of a running migration")
     def migrate_status(dom: str) -> dict:

@@ -719,7 +719,8 @@ class Pyxend:
         r = live.rec
         return {"name": r.name, "uuid": r.uuid, "config": r.config, "extra": r.extra}
 
-    def save(self, dom: str | int, path: str, keep: bool = False, paused: bool = False) -> dict:
+    def save(self, dom: str | int, path: str, keep: bool = False, paused: bool = False,
+             mode: str = "transparent") -> dict:
         """xl save: write the domain to ``path`` (absolute); destroy it unless ``keep``."""
         live = self.lookup(dom)
         self._require_live(live)
@@ -728,7 +729,7 @@ class Pyxend:
         live.destroying = not keep
         try:
             out = vmm_request(live.rec.control, {"op": "save", "path": path, "keep": keep,
-                                                 "paused": paused,
+                                                 "paused": paused, "mode": mode,
                                                  "record": self._record_dict(live)},
                               timeout=SAVE_TIMEOUT, error_status=400)
         except BaseException:
@@ -789,8 +790,11 @@ class Pyxend:
             raise ToolstackError("the domain config lacks domid/name/uuid", 400) from None
         with self.lock:
             if domid in self.domains or domid in self.reserved:
-                raise ToolstackError(f"domain ID {domid} is in use here (the domain keeps "
-                                     "its ID)", 409)
+                if config.get("mode") != "suspend":
+                    raise ToolstackError(f"domain ID {domid} is in use here (a transparent "
+                                         "migration keeps the domain's ID)", 409)
+                # a guest that suspended itself resumes in a new domain, as on Xen
+                domid = self.registry.allocate_domid(set(self.domains) | self.reserved)
             if name == "Domain-0" or any(lv.rec.name == name for lv in self.domains.values()):
                 raise ToolstackError(f"domain name {name!r} is already in use here", 409)
             self.reserved.add(domid)
@@ -812,6 +816,8 @@ class Pyxend:
         proc, ready = self._start_vmm(rec, spec_path, argv, pass_fds, RESTORE_TIMEOUT)
         if not ready.get("ok"):
             self.registry.remove(rec.domid)
+            # a VMM that died after the xenstore import (or introduced the ring) leaves it
+            release_domain(self.paths.xenstored_socket, rec.domid, rec.uuid)
             raise ToolstackError(ready["error"], 400)
         rec.pid, rec.control, rec.console = ready["pid"], ready["control"], ready["console"]
         if isinstance(ready.get("spec"), dict):          # e.g. disk copies' new paths
@@ -822,7 +828,7 @@ class Pyxend:
         self.registry.save(rec)
 
     def migrate(self, dom: str | int, host: str, port: int | None = None,
-                copy_storage: bool = False) -> dict:
+                copy_storage: bool = False, mode: str = "transparent") -> dict:
         """Live-migrate a domain to the pyxend relocation service at ``host``:``port``.
         Returns the VMM's summary; the domain is then gone from here."""
         from pyxen.migration.channel import DEFAULT_PORT
@@ -832,7 +838,7 @@ class Pyxend:
         live.destroying = True                  # the VMM exits by itself if it succeeds
         try:
             out = vmm_request(live.rec.control, {"op": "migrate", "host": host, "port": port,
-                                                 "copy_storage": copy_storage,
+                                                 "copy_storage": copy_storage, "mode": mode,
                                                  "record": self._record_dict(live)},
                               timeout=MIGRATE_TIMEOUT, error_status=502)
         except BaseException as e:
@@ -851,7 +857,9 @@ class Pyxend:
     def serve_relocation(self, host: str, port: int) -> None:
         """Accept live migrations on TCP ``host``:``port`` (a thread per connection)."""
         import socket
+        from pyxen.migration.channel import STREAM_BUFFER
         ls = socket.create_server((host, port), reuse_port=False)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STREAM_BUFFER)   # accepted: inherit
         self.relocation = ls.getsockname()[:2]
         log.info("relocation service on %s:%d", *self.relocation)
 
@@ -875,7 +883,7 @@ class Pyxend:
             if hello.get("pyxen-migrate") != PROTOCOL:
                 raise ToolstackError(f"protocol {hello.get('pyxen-migrate')!r} (this host "
                                      f"speaks {PROTOCOL})", 400)
-            if hello.get("mode", "transparent") != "transparent":
+            if hello.get("mode", "transparent") not in ("transparent", "suspend"):
                 raise ToolstackError(f"migration mode {hello.get('mode')!r} is not "
                                      "supported here", 400)
             rec = self._reserve(hello.get("config") or {})

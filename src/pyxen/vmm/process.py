@@ -467,12 +467,13 @@ class VmmProcess:
             raise ValueError("save needs a file name")
         hooks = self._xenstore_hooks()
         keep, paused = bool(req.get("keep")), bool(req.get("paused"))
-        config = self.domain_config(req.get("record"))
+        mode = str(req.get("mode") or "transparent")
+        config = dict(self.domain_config(req.get("record")), mode=mode)
 
         def run() -> dict:
             t0 = time.monotonic()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            saver = DomainSaver(self.vmm, config, FdSink(fd), hooks)
+            saver = DomainSaver(self.vmm, config, FdSink(fd), hooks, mode=mode)
             try:
                 saver.send_header()
                 saver.final()
@@ -524,7 +525,8 @@ class VmmProcess:
             try:
                 out = migrate_out(self.vmm, config, host, port, hooks, progress,
                                   max_rounds=int(req.get("max_rounds") or MAX_ROUNDS),
-                                  copy_storage=bool(req.get("copy_storage")))
+                                  copy_storage=bool(req.get("copy_storage")),
+                                  mode=str(req.get("mode") or "transparent"))
             except PyxenError as e:
                 self.migration = {**self.migration, "phase": "failed", "error": str(e)}
                 raise
@@ -691,7 +693,7 @@ def _main_restore(args: argparse.Namespace, local: dict, console, holder: dict, 
     spec comes from the stream, this host's paths from ``local`` (run_dir, log_dir,
     xenstored, paused; ``domid``: the ID pyxend reserved, which must be the stream's)."""
     import socket as _socket
-    from pyxen.migration.channel import Channel, ChannelError
+    from pyxen.migration.channel import Channel, ChannelError, bound_receive_buffer
     from pyxen.vmm.restore import DomainRestorer, start_restored
     from pyxen.migration.outgoing import RESUME_TIMEOUT
     holder_spec: dict = {}
@@ -714,7 +716,9 @@ def _main_restore(args: argparse.Namespace, local: dict, console, holder: dict, 
         spec = VmmSpec.from_dict({**raw, **{k: local[k] for k in HOST_LOCAL if k in local}})
         want = local.get("domid")
         if want is not None and spec.domid != want:
-            raise ValueError(f"domain ID {spec.domid} in the stream, {want} reserved here")
+            if config.get("mode") != "suspend":
+                raise ValueError(f"domain ID {spec.domid} in the stream, {want} reserved here")
+            spec.domid = want                 # a self-suspended guest takes any new ID
         holder_spec["spec"] = spec
         holder_spec["record"] = config.get("record") or {}
         return _domain_config(spec)
@@ -736,6 +740,7 @@ def _main_restore(args: argparse.Namespace, local: dict, console, holder: dict, 
                     restorer.feed(data)
         else:
             sock = _socket.socket(fileno=args.receive_fd)
+            bound_receive_buffer(sock)
             ch = Channel(sock, "the source")
             while not restorer.ended:
                 data = ch.recv_some(60.0, "the stream")

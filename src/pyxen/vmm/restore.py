@@ -24,6 +24,7 @@ from pyxen.errors import EngineError, PyxenError
 from pyxen.migration import stream as S
 from pyxen.vmm.builder import (DomainConfig, Vmm, build_shell, connect_platform,
                                 device_manager)
+from pyxen.vmm.devices import DiskConfig, NicConfig
 
 log = logging.getLogger("pyxen.migration")
 _ZERO = bytes(PAGE)
@@ -132,6 +133,12 @@ class DomainRestorer:
             cfg = self.make_config(config)
             cpuid = cpuid_from_json(config.get("cpuid"))
             sites = [int(a) for a in config.get("hypercall_sites", [])]
+            old_domid = int(config["spec"]["domid"])
+            if cfg.domid != old_domid:        # a suspended guest may get a new ID (Xen leaf 4)
+                cpuid = [[CpuidEntry(e.function, e.index, e.eax, e.ebx, cfg.domid, e.edx,
+                                     e.significant_index)
+                          if e.function >= 0x40000000 and e.function & 0xFF == 4
+                          and e.ecx == old_domid else e for e in t] for t in cpuid]
         except (ValueError, TypeError, KeyError) as e:
             raise self._fail(rec, f"bad domain config: {e}") from None
         except PyxenError as e:
@@ -151,6 +158,8 @@ class DomainRestorer:
         self._regions = [r for r in self.vmm.domain.memory.regions if r.kind != "xenpage"]
         if config.get("copy_storage"):
             self._create_disk_copies(rec, config["copy_storage"])
+        if config.get("mode") == "suspend":
+            return                          # devices start afresh after the guest resumes
         # open images, make TAPs now, while pre-copy runs: not during the pause
         self.vmm.devices = device_manager(self.vmm, cfg)
         try:
@@ -220,6 +229,8 @@ class DomainRestorer:
         xd, d = vmm.xen, vmm.domain
         xen, xrec = self.json[S.XEN_STATE]
         imported = False
+        if xen.get("suspended"):
+            return self._finish_suspended(vmm, cfg, xen, xrec)
         t = [time.monotonic()]
 
         def step(name: str) -> None:
@@ -271,6 +282,92 @@ class DomainRestorer:
         self._reraise_events()
         log.info("d%d: restore steps (ms): %s", cfg.domid, self.steps)
         return vmm
+
+    def _finish_suspended(self, vmm: Vmm, cfg: DomainConfig, xen: dict,
+                          xrec: S.Record) -> Vmm:
+        """A guest that suspended itself (Xen's cooperative save): it resumes in a *new*
+        domain, as on Xen -- fresh event channels, grant table, shared_info, xenstore
+        connection and device handshakes, which the guest's resume path sets up again --
+        with its memory and vCPUs as saved; its SCHEDOP_shutdown(suspend) returns 0."""
+        from pyxen.xen.abi import xen as X
+        from pyxen.arch.x86 import layout
+        xd, d = vmm.xen, vmm.domain
+        self._close_disk_fds()
+        try:
+            try:
+                params = {int(k): int(v) for k, v in xen["params"].items()}
+                xd.e820 = [(int(a), int(b), int(c)) for a, b, c in xen["e820"]]
+                xd.max_pages, xd.tot_pages = int(xen["max_pages"]), int(xen["tot_pages"])
+                system_time = int(xen["system_time_ns"])
+                khz = int(xen["clock"]["tsc_khz"])
+                cores = xen["core_vcpus"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise self._fail(xrec, f"suspended state: {e!r}") from None
+            for vid, (blob, rec) in sorted(self.vcpu_blobs.items()):
+                try:
+                    d.vcpus[vid].ev.load_state(blob)
+                except EngineError as e:
+                    raise self._fail(rec, str(e)) from None
+            for v, c in zip(d.vcpus, cores):
+                v.online, v.sipi_wait = bool(c["online"]), bool(c["sipi_wait"])
+                v.initialised = bool(c["initialised"])
+                if c.get("parked_in_hypercall"):
+                    v.parked_in_hypercall, v.resume_result = True, 0
+            ev = xd.evtchn
+            store_port = ev.alloc_unbound(X.DOMID_SELF, 0)
+            console_port = ev.alloc_unbound(X.DOMID_SELF, 0)
+            params.update({X.HVM_PARAM_STORE_PFN: layout.XENSTORE_PFN,
+                           X.HVM_PARAM_STORE_EVTCHN: store_port,
+                           X.HVM_PARAM_CONSOLE_PFN: layout.CONSOLE_PFN,
+                           X.HVM_PARAM_CONSOLE_EVTCHN: console_port})
+            xd.params = params
+            # Xen system time goes on from where the guest left it
+            xd.clock.anchor(d.vcpus[0].ev.get_tsc(), khz, system_time=system_time)
+            xd.publish_time()
+            connect_platform(vmm, cfg, populate=True)
+            store, srec = self.json[S.XENSTORE]
+            try:
+                self._replay_guest_nodes(store, int(self.config["spec"]["domid"]), cfg)
+            except (PyxenError, OSError, ValueError, KeyError, TypeError) as e:
+                raise self._fail(srec, f"guest's xenstore nodes: {e}") from None
+            devices, drec = self.json[S.DEVICES]
+            try:
+                for dd in devices.get("disks", []):
+                    vmm.devices.add_disk(DiskConfig.from_dict(  # type: ignore[union-attr]
+                        dict(dd, target={c.devid: c.target for c in cfg.disks}.get(
+                            dd.get("devid"), dd.get("target")))))
+                for nd in devices.get("nics", []):
+                    vmm.devices.add_nic(NicConfig.from_dict(  # type: ignore[union-attr]
+                        {k: v for k, v in nd.items() if k != "vifname"}))
+            except (PyxenError, ValueError, TypeError) as e:
+                raise self._fail(drec, f"devices: {e}") from None
+        except BaseException:
+            self.discard(release=True)
+            raise
+        log.info("d%d: resumes from a guest suspend (new event channels, grants, devices)",
+                 cfg.domid)
+        return vmm
+
+    @staticmethod
+    def _replay_guest_nodes(store: dict, old: int, cfg: DomainConfig) -> None:
+        """Write back the nodes the guest had written in its home (feature flags, data/),
+        moved to the new domain ID, with the guest as owner. Not control/shutdown."""
+        import base64
+        from pyxen.xenstore.client import XenstoreClient
+        if not cfg.xenstored or not store.get("nodes"):
+            return
+        src, dst = f"/local/domain/{old}/", f"/local/domain/{cfg.domid}/"
+        with XenstoreClient(cfg.xenstored, timeout=10) as c:
+            for n in store["nodes"]:
+                path = str(n["path"])
+                if not path.startswith(src) or path.endswith("/control/shutdown"):
+                    continue
+                new = dst + path[len(src):]
+                c.write(new, base64.b64decode(n["value"]))
+                perms = [p[0] + str(cfg.domid) if p[1:] == str(old) else p
+                         for p in n.get("perms", [])]
+                if perms:
+                    c.set_perms(new, perms)
 
     def _reraise_events(self) -> None:
         """Notify every backend-served port once and re-assert pending upcalls: an event
