@@ -258,6 +258,27 @@ def test_bad_save_files_are_refused_and_create_nothing(pair, guest, tmp_path):
         assert r.returncode != 0, r.stderr
         assert message in r.stderr.lower() and "offset" in r.stderr, r.stderr
         assert name not in host.names()
+    # well-formed streams with hostile contents: named, refused, nothing created
+    from pyxen.migration import stream as S
+    reader = S.StreamReader()
+    config_rec = next(r for r in reader.feed(data[:1 << 20]) if r.type == S.DOMAIN_CONFIG)
+    config = S.parse_json(config_rec)
+    crafted = {
+        "outside the domain's memory": [S.encode_page_data([(0xFFFFFFFFF, bytes(4096))])],
+        "vcpu 7": [S.encode_vcpu_state(7, b"x" * 64)],
+        "no xen_state": [],
+    }
+    for message, body in crafted.items():
+        parts = [S.stream_headers(), S.encode_json(S.DOMAIN_CONFIG, config)]
+        for piece in body:
+            parts += [bytes(p) for p in piece] if isinstance(piece, list) else [piece]
+        parts.append(S.encode_end())
+        path = tmp_path / "crafted.save"
+        path.write_bytes(b"".join(parts))
+        r = host.px("restore", str(path), check=False)
+        assert r.returncode != 0, r.stderr
+        assert message in r.stderr.lower(), r.stderr
+        assert name not in host.names()
     host.px("restore", str(good))
     time.sleep(1)
     assert _check_counter(host, name) > 0
