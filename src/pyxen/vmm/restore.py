@@ -370,12 +370,29 @@ class DomainRestorer:
                     c.set_perms(new, perms)
 
     def _reraise_events(self) -> None:
-        """Notify every backend-served port once and re-assert pending upcalls: an event
-        raised while the source was capturing its state may have missed the copy, and a
-        spurious event is harmless in Xen's model (the receiver checks its ring)."""
+        """Make the restored event state consistent and kick every backend-served port.
+        The source captures vcpu_info pages, shared_info and the LAPICs one after another;
+        an event raised in between (a late notification from xenstored, say) can leave a
+        port pending without its selector bit, which no later send would repair (the
+        pending bit is already set). So: every pending, unmasked port gets its selector
+        and upcall again (as EVTCHNOP_unmask does), every backend port a spurious event,
+        every vCPU with upcall_pending its vector. Spurious events are harmless in Xen's
+        model: the receiver checks its ring."""
+        from pyxen.core import atomics
+        from pyxen.xen.abi import xen as X
         assert self.vmm is not None
         xd = self.vmm.xen
         ev = xd.evtchn
+        si = xd.shared_info.addr
+        with self.vmm.domain.vm.exclusive(), ev.lock:
+            for port, ch in enumerate(ev.ports):
+                if port and ch.state and atomics.test_bit(si + X.SI_EVTCHN_PENDING, port) \
+                        and not atomics.test_bit(si + X.SI_EVTCHN_MASK, port):
+                    xd.mark_selector(ch.notify_vcpu, port)
+            for i in range(len(xd.vcpu_state)):   # selectors without upcall_pending
+                vi = xd.vcpu_info_addr(i)
+                if vi is not None and atomics.load(vi + X.VI_PENDING_SEL):
+                    xd.mark_events_pending(i)
         for port, ch in enumerate(ev.ports):
             if ch.backend is not None:
                 ev.set_pending(port)
