@@ -263,13 +263,16 @@ def test_bad_save_files_are_refused_and_create_nothing(pair, guest, tmp_path):
     reader = S.StreamReader()
     config_rec = next(r for r in reader.feed(data[:1 << 20]) if r.type == S.DOMAIN_CONFIG)
     config = S.parse_json(config_rec)
+    other_engine = dict(config, state_format="tcg:unicorn-0.0-elsewhere")
     crafted = {
-        "outside the domain's memory": [S.encode_page_data([(0xFFFFFFFFF, bytes(4096))])],
-        "vcpu 7": [S.encode_vcpu_state(7, b"x" * 64)],
-        "no xen_state": [],
+        "outside the domain's memory": (config, [S.encode_page_data([(0xFFFFFFFFF,
+                                                                      bytes(4096))])]),
+        "vcpu 7": (config, [S.encode_vcpu_state(7, b"x" * 64)]),
+        "no xen_state": (config, []),
+        "incompatible engine": (other_engine, []),
     }
-    for message, body in crafted.items():
-        parts = [S.stream_headers(), S.encode_json(S.DOMAIN_CONFIG, config)]
+    for message, (cfg, body) in crafted.items():
+        parts = [S.stream_headers(), S.encode_json(S.DOMAIN_CONFIG, cfg)]
         for piece in body:
             parts += [bytes(p) for p in piece] if isinstance(piece, list) else [piece]
         parts.append(S.encode_end())

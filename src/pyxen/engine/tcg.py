@@ -111,6 +111,12 @@ def _parse_meta(raw: bytes) -> dict:  # type: ignore[type-arg]
     return d
 
 
+def state_format() -> str:
+    """The vCPU state format of this build (without loading the engine)."""
+    from pyxen.tcg.build import build_id
+    return f"tcg:unicorn-{build_id()}"
+
+
 class TcgEngine(Engine):
     """Unicorn with pyxen's sysvm patches. Raises EngineUnavailable when it is not built."""
 
@@ -119,10 +125,9 @@ class TcgEngine(Engine):
 
     def __init__(self) -> None:
         self.lib = B.load()
-        from pyxen.tcg.build import build_id
         #: vCPU blobs hold QEMU's CPUX86State layout: they restore only into the same
         #: Unicorn version built from the same patch set ("tcg:unicorn-2.1.4-<hash>").
-        self.state_format = f"tcg:unicorn-{build_id()}"
+        self.state_format = state_format()
         self._cpuid: list[CpuidEntry] | None = None
         _tsc_khz()                               # measure once, up front
 

@@ -104,7 +104,9 @@ def migrate_out(vmm, config: dict, host: str, port: int, xenstore: XenstoredHook
                                      f"{r.get('error', 'no reason')}")
         except OSError as e:
             saver.abort()
-            raise MigrationError(f"sending to {ch.peer}: {e.strerror or e}") from None
+            why = _peer_error(ch)           # the target usually says why it stopped reading
+            raise MigrationError(f"sending to {ch.peer}: {e.strerror or e}"
+                                 + (f" (the target: {why})" if why else "")) from None
         except BaseException:
             saver.abort()
             raise
@@ -129,3 +131,12 @@ def migrate_out(vmm, config: dict, host: str, port: int, xenstore: XenstoredHook
                 "target": ch.peer}
     finally:
         ch.close()
+
+
+def _peer_error(ch) -> str | None:  # type: ignore[no-untyped-def]
+    """An error line the target sent before closing, if any (quick look, no waiting)."""
+    try:
+        msg = ch.recv_json(0.5, "its error report")
+    except ChannelError:
+        return None
+    return str(msg.get("error")) if not msg.get("ok") and msg.get("error") else None

@@ -766,6 +766,7 @@ class Pyxend:
             raise ToolstackError(f"restore: {path}: {e.strerror}", 400) from None
         except StreamError as e:
             raise ToolstackError(f"restore: {path}: {e}", 400) from None
+        self._check_engine(config if isinstance(config, dict) else {})
         rec = self._reserve(config)
         try:
             self._spawn_restored(rec, ["--restore", path], (), paused)
@@ -776,6 +777,18 @@ class Pyxend:
                     + (" (paused)" if paused else ""))
         self._monitor(self.domains[rec.domid])
         return rec
+
+    @staticmethod
+    def _check_engine(config: dict) -> None:
+        """Refuse a domain whose vCPU state this host's engine cannot load (409)."""
+        from pyxen.vmm.builder import engine_state_format
+        engine, want = config.get("engine"), config.get("state_format")
+        have = engine_state_format(str(engine))
+        if have is None:
+            raise ToolstackError(f"the {engine} engine is not usable on this host", 409)
+        if have != want:
+            raise ToolstackError(f"incompatible engine: the domain's vCPU state is {want!r}, "
+                                 f"this host's {engine} engine reads {have!r}", 409)
 
     def _reserve(self, config: dict) -> DomainRecord:
         """Check that this host can take the domain described by a DOMAIN_CONFIG record
@@ -886,6 +899,7 @@ class Pyxend:
             if hello.get("mode", "transparent") not in ("transparent", "suspend"):
                 raise ToolstackError(f"migration mode {hello.get('mode')!r} is not "
                                      "supported here", 400)
+            self._check_engine(hello.get("config") or {})
             rec = self._reserve(hello.get("config") or {})
             disk_dir = None
             if hello.get("copy_storage"):

@@ -104,6 +104,18 @@ def select_engine(accel: str) -> Engine:
     return TcgEngine()
 
 
+def engine_state_format(name: str) -> str | None:
+    """The vCPU state format engine ``name`` would use on this host, or None if it is not
+    usable here (a migration target checks this before accepting a domain)."""
+    if name == "tcg":
+        from pyxen.engine import tcg
+        return tcg.state_format() if tcg.TcgEngine.available() else None
+    if name == "kvm":
+        from pyxen.engine import kvm
+        return kvm.STATE_FORMAT if kvm.KvmEngine.available() else None
+    return None
+
+
 class Vmm:
     """One built domain: the core :class:`Domain`, its Xen state and its console backend."""
 
