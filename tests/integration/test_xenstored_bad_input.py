@@ -23,7 +23,6 @@ import random
 import socket
 import struct
 import termios
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pytest
 
 from pyxen.xenstore import wire as W
 from pyxen.xenstore.daemon import XenstoredDaemon
+from pyxen.testing.xsdaemon import DaemonThread
 from pyxen.testing.xswire import XsWireClient
 from pyxen.xenstore.wire import HEADER, Message, pack
 
@@ -85,44 +85,17 @@ class Guest:
 
 # ----------------------------------------------------------------------------- the daemon
 
-class Xsd:
+class Xsd(DaemonThread):
     """The daemon under test, on a thread, with a state file; restartable."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.socket_path = tmp_path / "socket"
-        self.state_path = tmp_path / "state.json"
-        self.daemon: XenstoredDaemon | None = None
-        self.thread: threading.Thread | None = None
-        self.clients: list[XsClient] = []
-
-    def start(self) -> None:
-        self.daemon = XenstoredDaemon(self.socket_path, self.state_path)
-        self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)
-        self.thread.start()
-        assert self.daemon.ready.wait(5)
-
-    def stop(self) -> None:
-        for c in self.clients:
-            c.close()
-        self.clients.clear()
-        if self.daemon is not None:
-            self.daemon.stop()
-            self.thread.join(10)
-            assert not self.thread.is_alive(), "the daemon thread did not stop"
-            self.daemon = None
-
-    def restart(self) -> None:
-        self.stop()
+        super().__init__(tmp_path)
         self.start()
 
     def client(self, timeout: float = 10.0) -> XsClient:
         c = XsClient(self.socket_path, timeout)
         self.clients.append(c)
         return c
-
-    @property
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import mmap
 import os
 import select
 import struct
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -28,8 +27,8 @@ import pytest
 
 from pyxen.xenstore import daemon as daemon_mod
 from pyxen.xenstore import wire as W
+from pyxen.testing.xsdaemon import DaemonThread
 from pyxen.xenstore.client import XenstoreClient
-from pyxen.xenstore.daemon import XenstoredDaemon
 from pyxen.xenstore.server import populate_domain
 from pyxen.xenstore.store import XenstoreError
 from pyxen.xenstore.wire import Message, MessageParser, pack
@@ -48,40 +47,17 @@ def z(*parts: str | bytes) -> bytes:
 
 # ----------------------------------------------------------------------------- daemons
 
-class Host:
+class Host(DaemonThread):
     """One xenstored on a thread, with its own socket and state file; restartable."""
 
     def __init__(self, d: Path) -> None:
         d.mkdir()
-        self.socket_path, self.state_path = d / "socket", d / "state.json"
-        self.daemon: XenstoredDaemon | None = None
-        self.thread: threading.Thread | None = None
-        self.clients: list[XenstoreClient] = []
-
-    def start(self) -> None:
-        self.daemon = XenstoredDaemon(self.socket_path, self.state_path)
-        self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)
-        self.thread.start()
-        assert self.daemon.ready.wait(5)
-
-    def stop(self) -> None:
-        for c in self.clients:
-            c.close()
-        self.clients.clear()
-        if self.daemon is not None:
-            self.daemon.stop()
-            self.thread.join(10)
-            assert not self.thread.is_alive(), "the daemon thread did not stop"
-            self.daemon = None
+        super().__init__(d)
 
     def client(self) -> XenstoreClient:
         c = XenstoreClient(str(self.socket_path), timeout=10)
         self.clients.append(c)
         return c
-
-    @property
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
 
 
 @pytest.fixture
