@@ -505,3 +505,17 @@ def test_load_rejects_bad_state_and_changes_nothing(xd, mutate, why):
     with pytest.raises(ValueError, match=why):
         fresh.load(st)
     assert fresh.save() == before
+
+
+def test_repair_pending_gives_pending_unmasked_ports_their_selector(xd):
+    ev = EventChannels(xd)
+    a, b = loopback(ev)
+    masked = ev.bind_ipi(1)
+    for p in (a, b, masked):
+        xd.guest_clear_pending(p)
+    xd.selected.clear()
+    for p in (a, masked):                  # pending bits copied without their selectors
+        atomics.test_and_set_bit(xd.shared_info.addr + X.SI_EVTCHN_PENDING, p)
+    xd.mask(masked)
+    ev.repair_pending()
+    assert xd.selected == [(0, a)]

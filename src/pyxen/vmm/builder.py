@@ -217,14 +217,7 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
     xd.clock.anchor(bsp.ev.get_tsc(), khz)  # guest TSC read just before anchoring
     xd.publish_time()
 
-    # xenstore and console pages + ports (store first, then console, as libxl does)
-    ev = xd.evtchn
-    store_port = ev.alloc_unbound(X.DOMID_SELF, 0)
-    console_port = ev.alloc_unbound(X.DOMID_SELF, 0)
-    xd.params.update({X.HVM_PARAM_STORE_PFN: layout.XENSTORE_PFN,
-                      X.HVM_PARAM_STORE_EVTCHN: store_port,
-                      X.HVM_PARAM_CONSOLE_PFN: layout.CONSOLE_PFN,
-                      X.HVM_PARAM_CONSOLE_EVTCHN: console_port})
+    platform_ports(xd)
     try:
         connect_platform(vmm, cfg, populate=True)
         for disk in cfg.disks:
@@ -236,6 +229,18 @@ def build(cfg: DomainConfig, stream: Callable[[str, bytes], None] | None = None)
         raise
     vmm.build_ms = (time.monotonic() - t0) * 1000
     return vmm
+
+
+def platform_ports(xd: XenDomain) -> None:
+    """The xenstore and console ports of a new domain (store first, then console, as libxl
+    does), unbound for domain 0, and the HVM params naming them and their pages."""
+    ev = xd.evtchn
+    store_port = ev.alloc_unbound(X.DOMID_SELF, 0)
+    console_port = ev.alloc_unbound(X.DOMID_SELF, 0)
+    xd.params.update({X.HVM_PARAM_STORE_PFN: layout.XENSTORE_PFN,
+                      X.HVM_PARAM_STORE_EVTCHN: store_port,
+                      X.HVM_PARAM_CONSOLE_PFN: layout.CONSOLE_PFN,
+                      X.HVM_PARAM_CONSOLE_EVTCHN: console_port})
 
 
 def _check_limits(cfg: DomainConfig) -> None:

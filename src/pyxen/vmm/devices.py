@@ -200,20 +200,14 @@ class DeviceManager:
         """Create the host TAP (``vif<domid>.<devid>``), attach it to ``cfg.bridge``
         (created with pyxen's default address if it does not exist) and start netback.
         Raises HostNetworkError / DomainError naming the vif."""
-        from pyxen.host.bridge import DEFAULT_BRIDGE, attach, ensure_bridge
-        from pyxen.host.tap import Tap
+        from pyxen.host.bridge import DEFAULT_BRIDGE
         with self.lock:
             if cfg.devid in self.nics:
                 raise DomainError(f"vif {cfg.spec or cfg.devid!r}: devid {cfg.devid} is "
                                   "already in use")
             bridge = cfg.bridge or DEFAULT_BRIDGE
-            if bridge == DEFAULT_BRIDGE:
-                ensure_bridge(bridge)
-            else:
-                ensure_bridge(bridge, address=None)
-            tap = Tap(cfg.vifname or f"vif{self.domid}.{cfg.devid}", mtu=cfg.mtu)
+            tap = self._bridged_tap(cfg)
             try:
-                attach(tap.name, bridge)
                 be = NetBackend(self.bus, self.guest, cfg.devid, tap, rate=cfg.rate)
                 backend = {"mac": cfg.mac, "bridge": bridge, "handle": str(cfg.devid),
                            "type": "vif", "script": "pyxen-bridge", "mtu": str(cfg.mtu),
@@ -233,6 +227,28 @@ class DeviceManager:
             log.info("d%d: vif %d (%s) on %s as %s", self.domid, cfg.devid, cfg.mac, bridge,
                      tap.name)
             return be
+
+    def _bridged_tap(self, cfg: NicConfig):  # type: ignore[no-untyped-def]
+        """The NIC's host TAP (``vifname``, default Xen's ``vif<domid>.<devid>``), on its
+        bridge; pyxen's default bridge is created with its address if missing, another
+        named bridge without one. The TAP is deleted again if attaching fails."""
+        from pyxen.host.bridge import DEFAULT_BRIDGE, attach, ensure_bridge
+        from pyxen.host.tap import Tap
+        bridge = cfg.bridge or DEFAULT_BRIDGE
+        if bridge == DEFAULT_BRIDGE:
+            ensure_bridge(bridge)
+        else:
+            ensure_bridge(bridge, address=None)
+        tap = Tap(self._tap_name(cfg), mtu=cfg.mtu)
+        try:
+            attach(tap.name, bridge)
+        except BaseException:
+            tap.close()
+            raise
+        return tap
+
+    def _tap_name(self, cfg: NicConfig) -> str:
+        return cfg.vifname or f"vif{self.domid}.{cfg.devid}"
 
     def remove_nic(self, devid: int, timeout: float = 10.0, force: bool = False) -> bool:
         with self.lock:
@@ -347,8 +363,6 @@ class DeviceManager:
         make and bridge the TAPs of ``state``'s devices (``save_state``'s form), and
         connect to xenstore, so that :meth:`restore` only re-attaches. Idempotent; what is
         not used by :meth:`restore` is released by :meth:`close`."""
-        from pyxen.host.bridge import DEFAULT_BRIDGE, attach, ensure_bridge
-        from pyxen.host.tap import Tap
         self.bus                                          # noqa: B018 (connect now)
         for d in state.get("disks", []):
             cfg = DiskConfig.from_dict(d)
@@ -358,18 +372,8 @@ class DeviceManager:
                     spec=cfg.spec or cfg.target))
         for n in state.get("nics", []):
             ncfg = NicConfig.from_dict(n)
-            if ("vif", ncfg.devid) in self._prepared:
-                continue
-            bridge = ncfg.bridge or DEFAULT_BRIDGE
-            ensure_bridge(bridge) if bridge == DEFAULT_BRIDGE else \
-                ensure_bridge(bridge, address=None)
-            tap = Tap(ncfg.vifname or f"vif{self.domid}.{ncfg.devid}", mtu=ncfg.mtu)
-            try:
-                attach(tap.name, bridge)
-            except BaseException:
-                tap.close()
-                raise
-            self._prepared[("vif", ncfg.devid)] = (ncfg, tap)
+            if ("vif", ncfg.devid) not in self._prepared:
+                self._prepared[("vif", ncfg.devid)] = (ncfg, self._bridged_tap(ncfg))
 
     def _release_prepared(self) -> None:
         prepared, self._prepared = self._prepared, {}
@@ -391,27 +395,16 @@ class DeviceManager:
         were imported: open the images, make the TAPs, and re-attach the backends to the
         guest's rings (the guest never notices); each NIC then announces the guest's MAC
         (RARP, as QEMU does after a migration) so switches learn where it went."""
-        from pyxen.host.bridge import DEFAULT_BRIDGE, attach, ensure_bridge
-        from pyxen.host.tap import Tap
         disks = [DiskConfig.from_dict(d) for d in state.get("disks", [])]
         nics = [NicConfig.from_dict(n) for n in state.get("nics", [])]
-        with self.lock:
-            try:
+        try:
+            with self.lock:
                 for cfg in disks:
                     self.disks[cfg.devid] = self._reattach_disk(
                         cfg, self._take_prepared("vbd", cfg))
                 for ncfg in nics:
-                    tap = self._take_prepared("vif", ncfg)
-                    fresh = tap is None
-                    if fresh:
-                        bridge = ncfg.bridge or DEFAULT_BRIDGE
-                        ensure_bridge(bridge) if bridge == DEFAULT_BRIDGE else \
-                            ensure_bridge(bridge, address=None)
-                        tap = Tap(ncfg.vifname or f"vif{self.domid}.{ncfg.devid}",
-                                  mtu=ncfg.mtu)
+                    tap = self._take_prepared("vif", ncfg) or self._bridged_tap(ncfg)
                     try:
-                        if fresh:
-                            attach(tap.name, ncfg.bridge or DEFAULT_BRIDGE)
                         be = NetBackend(self.bus, self.guest, ncfg.devid, tap, rate=ncfg.rate)
                         be.start(reattach=True)
                     except BaseException:
@@ -419,13 +412,9 @@ class DeviceManager:
                         raise
                     self.nics[ncfg.devid] = (ncfg, be)
                     be.announce(ncfg.mac)
-            except BaseException:
-                self.lock.release()
-                try:
-                    self.close()
-                finally:
-                    self.lock.acquire()
-                raise
+        except BaseException:
+            self.close()
+            raise
         self._release_prepared()                 # devices the final state no longer has
 
     def _take_prepared(self, kind: str, cfg: DiskConfig | NicConfig) -> object | None:
@@ -439,7 +428,7 @@ class DeviceManager:
                                                                 cfg.readonly)
                 if kind == "vbd" else
                 (pcfg.bridge, pcfg.mtu) == (cfg.bridge, cfg.mtu)
-                and thing.name == (cfg.vifname or f"vif{self.domid}.{cfg.devid}"))
+                and thing.name == self._tap_name(cfg))
         if same:
             return thing
         self._release_one(kind, thing)

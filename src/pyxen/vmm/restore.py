@@ -23,7 +23,7 @@ from pyxen.engine.base import CpuidEntry
 from pyxen.errors import EngineError, PyxenError
 from pyxen.migration import stream as S
 from pyxen.vmm.builder import (DomainConfig, Vmm, build_shell, connect_platform,
-                                device_manager)
+                                device_manager, platform_ports)
 from pyxen.vmm.devices import DiskConfig, NicConfig
 
 log = logging.getLogger("pyxen.migration")
@@ -240,17 +240,9 @@ class DomainRestorer:
         try:
             try:
                 xd.load_state(xen, self.hyp_pages)
-                cores = xen.get("core_vcpus", [])
-                for v, c in zip(d.vcpus, cores):
-                    v.online, v.sipi_wait = bool(c["online"]), bool(c["sipi_wait"])
-                    v.initialised = bool(c["initialised"])
             except (ValueError, KeyError, TypeError) as e:
                 raise self._fail(xrec, str(e)) from None
-            for vid, (blob, rec) in sorted(self.vcpu_blobs.items()):
-                try:
-                    d.vcpus[vid].ev.load_state(blob)
-                except EngineError as e:
-                    raise self._fail(rec, str(e)) from None
+            self._load_vcpus(xen, xrec)
             try:
                 xd.clock.load(xen["clock"], guest_tsc=d.vcpus[0].ev.get_tsc())
             except (ValueError, KeyError) as e:
@@ -267,19 +259,15 @@ class DomainRestorer:
             step("platform")
             devices, drec = self.json[S.DEVICES]
             self._close_disk_fds()
-            local = {d.devid: d.target for d in cfg.disks}
-            for d in devices.get("disks", []):
-                if isinstance(d, dict) and d.get("devid") in self._copied_or_none():
-                    d["target"] = local[d["devid"]]
             try:
-                vmm.devices.restore(devices)       # type: ignore[union-attr]
+                vmm.devices.restore(self._local_disks(devices))  # type: ignore[union-attr]
             except (PyxenError, ValueError, TypeError) as e:
                 raise self._fail(drec, f"devices: {e}") from None
             step("devices")
         except BaseException:
             self.discard(release=imported)
             raise
-        self._reraise_events()
+        vmm.xen.resync_events()
         log.info("d%d: restore steps (ms): %s", cfg.domid, self.steps)
         return vmm
 
@@ -289,8 +277,6 @@ class DomainRestorer:
         domain, as on Xen -- fresh event channels, grant table, shared_info, xenstore
         connection and device handshakes, which the guest's resume path sets up again --
         with its memory and vCPUs as saved; its SCHEDOP_shutdown(suspend) returns 0."""
-        from pyxen.xen.abi import xen as X
-        from pyxen.arch.x86 import layout
         xd, d = vmm.xen, vmm.domain
         self._close_disk_fds()
         try:
@@ -300,27 +286,11 @@ class DomainRestorer:
                 xd.max_pages, xd.tot_pages = int(xen["max_pages"]), int(xen["tot_pages"])
                 system_time = int(xen["system_time_ns"])
                 khz = int(xen["clock"]["tsc_khz"])
-                cores = xen["core_vcpus"]
             except (KeyError, TypeError, ValueError) as e:
                 raise self._fail(xrec, f"suspended state: {e!r}") from None
-            for vid, (blob, rec) in sorted(self.vcpu_blobs.items()):
-                try:
-                    d.vcpus[vid].ev.load_state(blob)
-                except EngineError as e:
-                    raise self._fail(rec, str(e)) from None
-            for v, c in zip(d.vcpus, cores):
-                v.online, v.sipi_wait = bool(c["online"]), bool(c["sipi_wait"])
-                v.initialised = bool(c["initialised"])
-                if c.get("parked_in_hypercall"):
-                    v.parked_in_hypercall, v.resume_result = True, 0
-            ev = xd.evtchn
-            store_port = ev.alloc_unbound(X.DOMID_SELF, 0)
-            console_port = ev.alloc_unbound(X.DOMID_SELF, 0)
-            params.update({X.HVM_PARAM_STORE_PFN: layout.XENSTORE_PFN,
-                           X.HVM_PARAM_STORE_EVTCHN: store_port,
-                           X.HVM_PARAM_CONSOLE_PFN: layout.CONSOLE_PFN,
-                           X.HVM_PARAM_CONSOLE_EVTCHN: console_port})
-            xd.params = params
+            self._load_vcpus(xen, xrec)
+            xd.params = params                 # the guest's, then new ports over them
+            platform_ports(xd)
             # Xen system time goes on from where the guest left it
             xd.clock.anchor(d.vcpus[0].ev.get_tsc(), khz, system_time=system_time)
             xd.publish_time()
@@ -332,10 +302,8 @@ class DomainRestorer:
                 raise self._fail(srec, f"guest's xenstore nodes: {e}") from None
             devices, drec = self.json[S.DEVICES]
             try:
-                for dd in devices.get("disks", []):
-                    vmm.devices.add_disk(DiskConfig.from_dict(  # type: ignore[union-attr]
-                        dict(dd, target={c.devid: c.target for c in cfg.disks}.get(
-                            dd.get("devid"), dd.get("target")))))
+                for dd in self._local_disks(devices).get("disks", []):
+                    vmm.devices.add_disk(DiskConfig.from_dict(dd))  # type: ignore[union-attr]
                 for nd in devices.get("nics", []):
                     vmm.devices.add_nic(NicConfig.from_dict(  # type: ignore[union-attr]
                         {k: v for k, v in nd.items() if k != "vifname"}))
@@ -347,6 +315,38 @@ class DomainRestorer:
         log.info("d%d: resumes from a guest suspend (new event channels, grants, devices)",
                  cfg.domid)
         return vmm
+
+    def _load_vcpus(self, xen: dict, xrec: S.Record) -> None:
+        """Each vCPU's engine blob, and its run flags from XEN_STATE's ``core_vcpus`` (a
+        vCPU parked in SCHEDOP_shutdown(suspend) has it return 0 when it starts)."""
+        assert self.vmm is not None
+        vcpus = self.vmm.domain.vcpus
+        try:
+            for v, c in zip(vcpus, xen.get("core_vcpus", [])):
+                v.online, v.sipi_wait = bool(c["online"]), bool(c["sipi_wait"])
+                v.initialised = bool(c["initialised"])
+                if c.get("parked_in_hypercall"):
+                    v.parked_in_hypercall, v.resume_result = True, 0
+        except (KeyError, TypeError, AttributeError) as e:
+            raise self._fail(xrec, f"core_vcpus: {e!r}") from None
+        for vid, (blob, rec) in sorted(self.vcpu_blobs.items()):
+            try:
+                vcpus[vid].ev.load_state(blob)
+            except EngineError as e:
+                raise self._fail(rec, str(e)) from None
+
+    def _local_disks(self, devices: dict) -> dict:
+        """DEVICES with this host's paths for the disks copied in the stream."""
+        assert self.cfg is not None
+        copied = self._copied_or_none()
+        local = {c.devid: c.target for c in self.cfg.disks}
+        if not copied <= set(local):
+            raise ValueError(f"copied disks {sorted(copied - set(local))} are not in the "
+                             "domain config")
+        return dict(devices, disks=[
+            dict(dd, target=local[dd["devid"]])
+            if isinstance(dd, dict) and dd.get("devid") in copied else dd
+            for dd in devices.get("disks", [])])
 
     @staticmethod
     def _replay_guest_nodes(store: dict, old: int, cfg: DomainConfig) -> None:
@@ -368,37 +368,6 @@ class DomainRestorer:
                          for p in n.get("perms", [])]
                 if perms:
                     c.set_perms(new, perms)
-
-    def _reraise_events(self) -> None:
-        """Make the restored event state consistent and kick every backend-served port.
-        The source captures vcpu_info pages, shared_info and the LAPICs one after another;
-        an event raised in between (a late notification from xenstored, say) can leave a
-        port pending without its selector bit, which no later send would repair (the
-        pending bit is already set). So: every pending, unmasked port gets its selector
-        and upcall again (as EVTCHNOP_unmask does), every backend port a spurious event,
-        every vCPU with upcall_pending its vector. Spurious events are harmless in Xen's
-        model: the receiver checks its ring."""
-        from pyxen.core import atomics
-        from pyxen.xen.abi import xen as X
-        assert self.vmm is not None
-        xd = self.vmm.xen
-        ev = xd.evtchn
-        si = xd.shared_info.addr
-        with self.vmm.domain.vm.exclusive(), ev.lock:
-            for port, ch in enumerate(ev.ports):
-                if port and ch.state and atomics.test_bit(si + X.SI_EVTCHN_PENDING, port) \
-                        and not atomics.test_bit(si + X.SI_EVTCHN_MASK, port):
-                    xd.mark_selector(ch.notify_vcpu, port)
-            for i in range(len(xd.vcpu_state)):   # selectors without upcall_pending
-                vi = xd.vcpu_info_addr(i)
-                if vi is not None and atomics.load(vi + X.VI_PENDING_SEL):
-                    xd.mark_events_pending(i)
-        for port, ch in enumerate(ev.ports):
-            if ch.backend is not None:
-                ev.set_pending(port)
-        for i in range(len(xd.vcpu_state)):
-            if xd.upcall_pending(i):
-                xd.assert_upcall(i)
 
     @property
     def was_running(self) -> bool:

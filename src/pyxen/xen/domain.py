@@ -234,6 +234,26 @@ class XenDomain:
         if vector:
             self.domain.vm.inject_msi(self.domain.vcpus[vcpu].apic_id, vector)
 
+    def resync_events(self) -> None:
+        """After a restore: make event state captured mid-change consistent and deliver
+        it. Pending unmasked ports get their selectors (:meth:`EventChannels.repair_pending`),
+        vCPUs with selector bits get ``evtchn_upcall_pending``, every port served by an
+        in-VMM backend gets one (spurious) event, and every vCPU with an upcall pending
+        gets its vector again. Spurious events are harmless in Xen's model: the receiver
+        checks its ring."""
+        self.evtchn.repair_pending()
+        with self.domain.vm.exclusive(), self.evtchn.lock:
+            for i in range(len(self.vcpu_state)):
+                vi = self.vcpu_info_addr(i)
+                if vi is not None and atomics.load(vi + X.VI_PENDING_SEL):
+                    self.mark_events_pending(i)
+        for port, ch in enumerate(self.evtchn.ports):
+            if ch.backend is not None:
+                self.evtchn.set_pending(port)
+        for i in range(len(self.vcpu_state)):
+            if self.upcall_pending(i):
+                self.assert_upcall(i)
+
     def upcall_pending(self, vcpu: int) -> bool:
         vi = self.vcpu_info_addr(vcpu)
         return vi is not None and bool(ctypes.c_uint8.from_address(vi).value & 1)

@@ -217,6 +217,19 @@ class EventChannels:
                     and atomics.test_bit(si + X.SI_EVTCHN_PENDING, port)):
                 xd.mark_selector(ch.notify_vcpu, port)
 
+    def repair_pending(self) -> None:
+        """Give every pending, unmasked port its selector bit (and upcall) again, as
+        EVTCHNOP_unmask does for one port. For event state copied while it changed (a
+        restore): a port left pending without its selector would never be delivered,
+        since a later send finds its pending bit already set."""
+        with self._locked():
+            si = self.xd.shared_info.addr
+            for port, ch in enumerate(self.ports):
+                if (port and ch.state != FREE
+                        and atomics.test_bit(si + X.SI_EVTCHN_PENDING, port)
+                        and not atomics.test_bit(si + X.SI_EVTCHN_MASK, port)):
+                    self.xd.mark_selector(ch.notify_vcpu, port)
+
     def reset(self) -> None:
         with self._locked():
             for p in range(1, len(self.ports)):
