@@ -39,7 +39,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from pyxen.host.tap import (VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
                             VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
@@ -329,6 +329,16 @@ TX_INCOMPLETE = TxIncomplete()
 TxResult = TxPacket | TxControl | TxError | TxIncomplete
 
 
+def _next_entry(it: Iterator[bytes | bytearray | memoryview]
+                ) -> bytes | bytearray | memoryview | None:
+    """The next TX ring entry, or None when the ring holds no more (the packet is
+    incomplete). ValueError for an entry shorter than a request (a caller's bug)."""
+    raw = next(it, None)
+    if raw is not None and len(raw) < TX_REQUEST_SIZE:
+        raise ValueError("TX ring entries are 12 bytes")
+    return raw
+
+
 def assemble_tx(entries: Iterable[bytes | bytearray | memoryview], *,
                 max_slots: int = XEN_NETBK_LEGACY_SLOTS_MAX,
                 fatal_slots: int = FATAL_SKB_SLOTS_DEFAULT) -> TxResult:
@@ -345,12 +355,9 @@ def assemble_tx(entries: Iterable[bytes | bytearray | memoryview], *,
     :class:`TxError` or :data:`TX_INCOMPLETE`; never consumes more entries than given.
     """
     it = iter(entries)
-    try:
-        raw = next(it)
-    except StopIteration:
+    raw = _next_entry(it)
+    if raw is None:
         return TX_INCOMPLETE
-    if len(raw) < TX_REQUEST_SIZE:
-        raise ValueError("TX ring entries are 12 bytes")
     first = unpack_tx_request(raw)
     consumed = 1
 
@@ -359,12 +366,9 @@ def assemble_tx(entries: Iterable[bytes | bytearray | memoryview], *,
     extra_count = 0
     if first.flags & NETTXF_extra_info:
         while True:
-            try:
-                raw = next(it)
-            except StopIteration:
+            raw = _next_entry(it)
+            if raw is None:
                 return TX_INCOMPLETE
-            if len(raw) < TX_REQUEST_SIZE:
-                raise ValueError("TX ring entries are 12 bytes")
             extra = unpack_extra(raw)
             consumed += 1
             extra_count += 1
@@ -391,12 +395,9 @@ def assemble_tx(entries: Iterable[bytes | bytearray | memoryview], *,
                            True, consumed, [first.id, *ids], extra_count)
         if drop is None and n >= max_slots:
             drop = (ERR_TOO_MANY_SLOTS, f"more than {max_slots} slots follow the first")
-        try:
-            raw = next(it)
-        except StopIteration:
+        raw = _next_entry(it)
+        if raw is None:
             return TX_INCOMPLETE
-        if len(raw) < TX_REQUEST_SIZE:
-            raise ValueError("TX ring entries are 12 bytes")
         txp = unpack_tx_request(raw)
         consumed += 1
         ids.append(txp.id)

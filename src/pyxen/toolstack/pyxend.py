@@ -53,6 +53,7 @@ import time
 import uuid as uuidlib
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pyxen.errors import HostNetworkError, ToolstackError
 from pyxen.toolstack.paths import Paths
@@ -531,17 +532,8 @@ class Pyxend:
                                          f"attached to domain {rec.name!r} as {d['vdev']}", 409)
             with self.lock:
                 self._check_shared(dcfg, live)
-            try:
-                vmm_request(rec.control, {"op": "device_add", "kind": "vbd",
-                                          "config": dcfg.to_dict()},
-                            timeout=DEVICE_ADD_TIMEOUT, error_status=400)
-            except VmmGone:
-                raise
-            except ToolstackError as e:
-                msg = str(e)
-                status = 409 if ("in use" in msg or "already attached" in msg) else 400
-                raise ToolstackError(msg if spec in msg else f"disk spec {spec!r}: {msg}",
-                                     status) from None
+            self._device_add(rec, "vbd", dcfg.to_dict(), f"disk spec {spec!r}", spec,
+                             lambda m: "in use" in m or "already attached" in m)
             rec.extra["disks"] = live.disks + [dcfg.to_dict()]
             self._save_if_current(live)
         self.printk(f"d{rec.domid} ({rec.name}): disk {dcfg.target} attached as {dcfg.vdev}")
@@ -549,6 +541,22 @@ class Pyxend:
         return row or {"vdev": dcfg.vdev, "devid": dcfg.devid, "frontend_id": rec.domid,
                        "target": dcfg.target, "format": dcfg.format,
                        "readonly": dcfg.readonly}
+
+    @staticmethod
+    def _device_add(rec: DomainRecord, kind: str, config: dict, what: str, spec: str,
+                    conflict: Callable[[str], bool]) -> None:
+        """Hot-plug through the VMM. Its refusal becomes 409 if ``conflict(message)`` (the
+        device or its host side is taken), else 400, prefixed with ``what`` unless it
+        already quotes ``spec``. VmmGone passes through."""
+        try:
+            vmm_request(rec.control, {"op": "device_add", "kind": kind, "config": config},
+                        timeout=DEVICE_ADD_TIMEOUT, error_status=400)
+        except VmmGone:
+            raise
+        except ToolstackError as e:
+            msg = str(e)
+            status = 409 if conflict(msg) else 400
+            raise ToolstackError(msg if spec in msg else f"{what}: {msg}", status) from None
 
     def disk_detach(self, dom: str | int, device: str, force: bool = False,
                     timeout: float = DETACH_TIMEOUT) -> dict:
@@ -661,18 +669,8 @@ class Pyxend:
             ncfg = nic_config(vspec, devid)
             with self.lock:
                 self._check_nic_conflicts(ncfg, rec.domid, live)
-            try:
-                vmm_request(rec.control, {"op": "device_add", "kind": "vif",
-                                          "config": ncfg.to_dict()},
-                            timeout=DEVICE_ADD_TIMEOUT, error_status=400)
-            except VmmGone:
-                raise
-            except ToolstackError as e:
-                msg = str(e)
-                status = 409 if ("in use" in msg or "busy" in msg.lower()
-                                 or "exists" in msg) else 400
-                raise ToolstackError(msg if spec in msg else f"vif spec {spec!r}: {msg}",
-                                     status) from None
+            self._device_add(rec, "vif", ncfg.to_dict(), f"vif spec {spec!r}", spec,
+                             lambda m: "in use" in m or "busy" in m.lower() or "exists" in m)
             rec.extra["nics"] = live.nics + [ncfg.to_dict()]
             self._save_if_current(live)
         self.printk(f"d{rec.domid} ({rec.name}): vif {devid} ({ncfg.mac}) attached on "

@@ -403,22 +403,17 @@ class VmmProcess:
         timeout = float(req.get("timeout", 10.0))
         force = bool(req.get("force", False))
         if req["kind"] == "vif":
-            nid = devices.find_nic(name)
-            if nid is None:
-                raise ValueError(f"domain {self.domain.name} has no vif {name!r}")
-
-            def remove_nic() -> dict:
-                clean = devices.remove_nic(nid, timeout=timeout, force=force)
-                self.spec.nics = [d for d in self.spec.nics if d.get("devid") != nid]
-                return {"devid": nid, "clean": clean}
-            return _Deferred(remove_nic)
-        devid = devices.find_disk(name)
+            noun, find, detach, listed = "vif", devices.find_nic, devices.remove_nic, "nics"
+        else:
+            noun, find, detach, listed = "disk", devices.find_disk, devices.remove_disk, "disks"
+        devid = find(name)
         if devid is None:
-            raise ValueError(f"domain {self.domain.name} has no disk {name!r}")
+            raise ValueError(f"domain {self.domain.name} has no {noun} {name!r}")
 
         def remove() -> dict:
-            clean = devices.remove_disk(devid, timeout=timeout, force=force)
-            self.spec.disks = [d for d in self.spec.disks if d.get("devid") != devid]
+            clean = detach(devid, timeout=timeout, force=force)
+            setattr(self.spec, listed,
+                    [d for d in getattr(self.spec, listed) if d.get("devid") != devid])
             return {"devid": devid, "clean": clean}
         return _Deferred(remove)
 
