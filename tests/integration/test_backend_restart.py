@@ -16,17 +16,14 @@ import time
 
 import pytest
 
+from pyxen.testing.toolstack import guest_image
+
 pytestmark = pytest.mark.tcg
 
 
 @pytest.fixture(scope="module")
 def image():
-    from pyxen.errors import PyxenError
-    from pyxen.image.build import ensure_image
-    try:
-        return ensure_image()
-    except PyxenError as e:
-        pytest.skip(f"guest image unavailable: {e}")
+    return guest_image()
 
 
 class Guest:

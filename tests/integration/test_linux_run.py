@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from pyxen.testing.toolstack import guest_image
 from pyxen.vmm.builder import hardware_virtualisation
 
 pytestmark = pytest.mark.tcg
@@ -26,12 +27,7 @@ SCRIPT = (
 
 @pytest.fixture(scope="module")
 def image():
-    from pyxen.errors import PyxenError
-    from pyxen.image.build import ensure_image
-    try:
-        return ensure_image()
-    except PyxenError as e:              # no route to Debian's archive: say so
-        pytest.skip(f"guest image unavailable: {e}")
+    return guest_image()
 
 
 def _run(command: str, **kw):

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from pyxen.testing.hostpair import HostPair
+from pyxen.testing.toolstack import require_guest_image
 
 pytestmark = pytest.mark.tcg
 
@@ -75,14 +76,9 @@ def _where(pair: HostPair, name: str):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from pyxen.errors import PyxenError
-    from pyxen.image.build import ensure_image, publish
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("needs root and iproute2 (network namespaces)")
-    try:
-        publish(ensure_image())
-    except PyxenError as e:
-        pytest.skip(f"guest image unavailable: {e}")
+    require_guest_image()
     base = tmp_path_factory.mktemp("migpair")
     p = HostPair(str(base), first_domid=1)
     try:

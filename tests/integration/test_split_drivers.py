@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from pyxen.testing.toolstack import guest_image
+
 pytestmark = pytest.mark.tcg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,12 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def image():
-    from pyxen.errors import PyxenError
-    from pyxen.image.build import ensure_image
-    try:
-        return ensure_image()
-    except PyxenError as e:
-        pytest.skip(f"guest image unavailable: {e}")
+    return guest_image()
 
 
 def _run(command: str, disks: list[str] = (), timeout: float = 240):

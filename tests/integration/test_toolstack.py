@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from pyxen.testing.toolstack import PyxenHost
+from pyxen.testing.toolstack import PyxenHost, private_host
 
 pytestmark = pytest.mark.tcg
 
@@ -30,7 +28,7 @@ ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([-rbpscwSd?]{6})\s+(\d+\.\d
 
 
 class Host(PyxenHost):
-    """The shared harness plus ``xl list`` parsing and a console that waits for a marker."""
+    """The shared harness plus ``xl list`` parsing."""
 
     def rows(self) -> dict[str, tuple]:
         out = self.px("list").stdout.splitlines()
@@ -42,39 +40,10 @@ class Host(PyxenHost):
             rows[m.group(1)] = m.groups()
         return rows
 
-    def console(self, name: str, script: str, expect: str, timeout: float = 60) -> str:
-        """Type ``script`` on the domain's console; the output up to ``expect``."""
-        info = self.api("GET", f"/v1/domains/{name}")[1]
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(info["console"])
-        s.settimeout(timeout)
-        s.sendall(script.encode())
-        buf = b""
-        deadline = time.monotonic() + timeout
-        while expect.encode() not in buf and time.monotonic() < deadline:
-            data = s.recv(65536)
-            if not data:
-                break
-            buf += data
-        s.close()
-        text = buf.decode(errors="replace")
-        assert expect in text, f"console never showed {expect!r}:\n{text[-2000:]}"
-        return text
-
 
 @pytest.fixture(scope="module")
 def host():
-    from pyxen.errors import PyxenError
-    from pyxen.image.build import ensure_image, publish
-    try:
-        publish(ensure_image())
-    except PyxenError as e:
-        pytest.skip(f"guest image unavailable: {e}")
-    base = tempfile.mkdtemp(prefix="pxts-", dir="/tmp")   # short: AF_UNIX paths <= 107
-    h = Host(base)
-    yield h
-    h.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from private_host(Host, "pxts-")
 
 
 def _boot_prompt(host: Host, name: str) -> None:

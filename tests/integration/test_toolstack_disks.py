@@ -18,12 +18,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from pyxen.testing.toolstack import PyxenHost
+from pyxen.testing.toolstack import PyxenHost, private_host
 
 pytestmark = pytest.mark.tcg
 
@@ -57,17 +56,7 @@ class Host(PyxenHost):
 
 @pytest.fixture(scope="module")
 def host():
-    from pyxen.errors import PyxenError
-    from pyxen.image.build import ensure_image, publish
-    try:
-        publish(ensure_image())
-    except PyxenError as e:
-        pytest.skip(f"guest image unavailable: {e}")
-    base = tempfile.mkdtemp(prefix="pxdk-", dir="/tmp")   # short: AF_UNIX paths <= 107
-    h = Host(base)
-    yield h
-    h.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from private_host(Host, "pxdk-")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,12 @@ import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from pyxen.testing.toolstack import PyxenHost
+from pyxen.testing.toolstack import PyxenHost, private_host
 
 pytestmark = pytest.mark.tcg
 
@@ -121,17 +120,7 @@ def host_ping(addr: str, count: int = 2, wait: float = 2.0) -> bool:
 
 @pytest.fixture(scope="module")
 def host():
-    from pyxen.errors import PyxenError
-    from pyxen.image.build import ensure_image, publish
-    try:
-        publish(ensure_image())
-    except PyxenError as e:
-        pytest.skip(f"guest image unavailable: {e}")
-    base = tempfile.mkdtemp(prefix="pxnt-", dir="/tmp")   # short: AF_UNIX paths <= 107
-    h = Host(base)
-    yield h
-    h.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from private_host(Host, "pxnt-")
 
 
 @pytest.fixture(scope="module")

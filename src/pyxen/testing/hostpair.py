@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from pyxen.testing.toolstack import PyxenHost
@@ -36,25 +35,16 @@ class NetnsHost(PyxenHost):
     def __init__(self, base: str, ns: str, address: str, first_domid: int | None = None) -> None:
         super().__init__(base, first_domid)
         self.ns = ns
+        self.prefix = ("ip", "netns", "exec", ns)
         self.address = address
         self.env["PYXEN_RELOCATION"] = f"{address}:{RELOCATION_PORT}"
 
-    def px(self, *args: str, check: bool = True, timeout: float = 120,  # type: ignore[override]
-           cwd: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
-        r = subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-m",
-                            "pyxen.cli.main", *args], env=self.env, input=stdin,
-                           capture_output=True, text=True, timeout=timeout, cwd=cwd)
-        if check and r.returncode != 0:
-            raise AssertionError(f"[{self.ns}] pyxen {' '.join(args)} -> {r.returncode}\n"
-                                 f"{r.stderr}\n--- pyxend log:\n{self.log('pyxend.log')}")
-        return r
-
     def run(self, *argv: str, **kw: object) -> subprocess.CompletedProcess:
         """Run a command in this host's namespace."""
-        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], **kw)  # type: ignore[call-overload]
+        return subprocess.run([*self.prefix, *argv], **kw)  # type: ignore[call-overload]
 
     def popen(self, *argv: str, **kw: object) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.ns, *argv], **kw)  # type: ignore[call-overload]
+        return subprocess.Popen([*self.prefix, *argv], **kw)  # type: ignore[call-overload]
 
 
 class HostPair:

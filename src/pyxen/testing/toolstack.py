@@ -8,12 +8,15 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 _MARKS = itertools.count(100)
 
@@ -33,14 +36,18 @@ class PyxenHost:
             Path(base, "st", "next-domid").write_text(str(first_domid))
         self.first_domid = first_domid
 
+    #: argv that runs a command "on this host" (e.g. ``ip netns exec NS``); empty: here
+    prefix: tuple[str, ...] = ()
+
     def px(self, *args: str, check: bool = True, timeout: float = 120,
            cwd: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "pyxen.cli.main", *args], env=self.env,
-                           input=stdin, capture_output=True, text=True, timeout=timeout,
-                           cwd=cwd)
+        r = subprocess.run([*self.prefix, sys.executable, "-m", "pyxen.cli.main", *args],
+                           env=self.env, input=stdin, capture_output=True, text=True,
+                           timeout=timeout, cwd=cwd)
         if check and r.returncode != 0:
-            raise AssertionError(f"pyxen {' '.join(args)} -> {r.returncode}\n{r.stderr}"
-                                 f"\n--- pyxend log:\n{self.log('pyxend.log')}")
+            where = f"[{' '.join(self.prefix)}] " if self.prefix else ""
+            raise AssertionError(f"{where}pyxen {' '.join(args)} -> {r.returncode}\n"
+                                 f"{r.stderr}\n--- pyxend log:\n{self.log('pyxend.log')}")
         return r
 
     def log(self, name: str) -> str:
@@ -75,21 +82,28 @@ class PyxenHost:
     def sh(self, name: str, cmd: str, timeout: float = 90) -> str:
         """Run ``cmd`` in the guest's shell; its output (with the echoed command line)."""
         n = next(_MARKS)
-        end = f"END-{n + 1}"
+        return self.console(name, f"{cmd}; echo END-$(({n}+1))\n", f"END-{n + 1}", timeout,
+                            what=f"guest {name} never finished {cmd!r}")
+
+    def console(self, name: str, script: str, expect: str, timeout: float = 60,
+                what: str | None = None) -> str:
+        """Type ``script`` on the domain's console; the output up to ``expect`` (an
+        AssertionError saying ``what`` if it does not come within ``timeout`` s)."""
         s = socket.socket(socket.AF_UNIX)
         s.connect(self.info(name)["console"])
         s.settimeout(timeout)
-        s.sendall(f"{cmd}; echo END-$(({n}+1))\n".encode())
+        s.sendall(script.encode())
         buf = b""
         deadline = time.monotonic() + timeout
-        while end.encode() not in buf and time.monotonic() < deadline:
+        while expect.encode() not in buf and time.monotonic() < deadline:
             data = s.recv(65536)
             if not data:
                 break
             buf += data
         s.close()
         text = buf.decode(errors="replace")
-        assert end in text, f"guest {name} never finished {cmd!r}:\n{text[-2000:]}"
+        assert expect in text, \
+            f"{what or f'console never showed {expect!r}'}:\n{text[-2000:]}"
         return text
 
     def boot(self, cfg: Path, *overrides: str) -> str:
@@ -135,3 +149,34 @@ class PyxenHost:
                     os.kill(int(pid), signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+
+
+def guest_image():  # type: ignore[no-untyped-def]
+    """The default Debian guest image (fetched on first use), or skip the calling test
+    (no route to Debian's archive: say so)."""
+    import pytest
+
+    from pyxen.errors import PyxenError
+    from pyxen.image.build import ensure_image
+    try:
+        return ensure_image()
+    except PyxenError as e:
+        pytest.skip(f"guest image unavailable: {e}")
+
+
+def require_guest_image() -> None:
+    """:func:`guest_image`, published in the image store (``debian/vmlinuz`` etc.)."""
+    from pyxen.image.build import publish
+    publish(guest_image())
+
+
+def private_host(cls: type[PyxenHost], prefix: str) -> Iterator[PyxenHost]:
+    """A module fixture's body (``yield from private_host(Host, "pxts-")``): a ``cls``
+    installation under a new short directory in /tmp (AF_UNIX paths are at most 107
+    bytes), stopped and removed afterwards. Skips without the guest image."""
+    require_guest_image()
+    base = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    h = cls(base)
+    yield h
+    h.stop()
+    shutil.rmtree(base, ignore_errors=True)
